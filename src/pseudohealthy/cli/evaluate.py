@@ -1,0 +1,192 @@
+"""`pseudohealthy evaluate`: benchmark metrics of anomaly maps vs lesion masks, pooled over a test set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pseudohealthy.errors import PseudohealthyError
+
+OUTPUTS = ("metrics.json", "pr_curve.png", "roc_curve.png")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``evaluate`` subcommand."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="benchmark metrics (AP, AUROC, Dice) of anomaly maps on scans with lesion masks",
+        description=(
+            "Evaluate pseudo-healthy anomaly maps against lesion masks in the benchmark's frame "
+            "(axial slices with brain, SIZE x SIZE, masks resized then > 0.4), pooled over all "
+            "scans: AP_i, AUROC (slice level), AP_p, best Dice and Dice at 5% FPR (pixel level), "
+            "next to the intensity baseline (Meissen et al.). Maps come from --restorations "
+            "(<name>_anomaly.nii.gz written by 'pseudohealthy restore', reused as they are) or "
+            "are computed with --ensemble. Writes metrics.json, pr_curve.png and roc_curve.png."
+        ),
+    )
+    data = parser.add_argument_group("test set (one of)")
+    data.add_argument("--scans", nargs="+", type=Path, metavar="SCAN", help="NIfTI scans")
+    data.add_argument("--masks", nargs="+", type=Path, metavar="MASK", help="lesion masks, one per scan")
+    data.add_argument(
+        "--brain-masks", nargs="+", type=Path, metavar="BRAIN", help="brain masks, one per scan"
+    )
+    data.add_argument("--pairs", type=Path, help="CSV with rows scan,mask[,brain_mask]")
+    data.add_argument("--dataset-dir", type=Path, help="folder searched with --scan-glob")
+    data.add_argument(
+        "--scan-glob", default="*/FLAIR.nii.gz", help="scans under --dataset-dir (default */FLAIR.nii.gz)"
+    )
+    data.add_argument("--mask-name", default="lesion_mask.nii.gz", help="mask file beside each scan")
+    data.add_argument(
+        "--brain-mask-name", help="brain mask file beside each scan (default: above background)"
+    )
+    maps = parser.add_argument_group("anomaly maps")
+    maps.add_argument("--restorations", type=Path, help="folder of <name>_anomaly.nii.gz to reuse")
+    maps.add_argument("--ensemble", type=Path, help="ensemble folder to restore scans without a map")
+    maps.add_argument(
+        "--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm"), help="sampler (default ddpm)"
+    )
+    maps.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    maps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    maps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    maps.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
+    maps.add_argument(
+        "--faithful-ssim", action="store_true", help="the reference's SSIM constants (max_val 255)"
+    )
+    parser.add_argument(
+        "--slices-per-volume", type=int, help="evaluate N evenly spaced slices per scan (quick runs)"
+    )
+    parser.add_argument("--size", type=int, default=128, help="evaluation frame size (default 128)")
+    parser.add_argument("--invert-baseline", action="store_true", help="baseline scores dark voxels (T1)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _cases(args: argparse.Namespace):
+    from pseudohealthy.evaluate import cases_from_csv, cases_from_dir, cases_from_lists
+
+    modes = [bool(args.scans or args.masks), args.pairs is not None, args.dataset_dir is not None]
+    if sum(modes) != 1:
+        raise PseudohealthyError("give the test set one way: --scans/--masks, --pairs or --dataset-dir")
+    if args.pairs is not None:
+        return cases_from_csv(args.pairs)
+    if args.dataset_dir is not None:
+        return cases_from_dir(args.dataset_dir, args.scan_glob, args.mask_name, args.brain_mask_name)
+    if not args.scans or not args.masks:
+        raise PseudohealthyError("--scans needs --masks (one lesion mask per scan)")
+    return cases_from_lists(args.scans, args.masks, args.brain_masks)
+
+
+def _check(args: argparse.Namespace, cases) -> None:
+    if args.size < 16:
+        raise PseudohealthyError(f"--size must be at least 16, got {args.size}")
+    if args.slices_per_volume is not None and args.slices_per_volume < 1:
+        raise PseudohealthyError(f"--slices-per-volume must be at least 1, got {args.slices_per_volume}")
+    if args.steps < 1:
+        raise PseudohealthyError(f"--steps must be at least 1, got {args.steps}")
+    if args.restorations is None and args.ensemble is None:
+        raise PseudohealthyError("give --restorations (existing anomaly maps) and/or --ensemble")
+    if args.restorations is not None and not args.restorations.is_dir():
+        raise PseudohealthyError(f"{args.restorations}: restorations folder not found")
+    for case in cases:
+        for path in (case.scan, case.mask, case.brain_mask):
+            if path is not None and not path.is_file():
+                raise PseudohealthyError(f"{path}: file not found ({case.name})")
+    for name in OUTPUTS:
+        path = args.output / name
+        if path.exists() and not args.overwrite:
+            raise PseudohealthyError(f"{path}: already exists (use --overwrite to replace it)")
+
+
+def _settings(args: argparse.Namespace):
+    from pseudohealthy.restore import RestoreSettings
+
+    return RestoreSettings(
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        faithful_ssim=args.faithful_ssim,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Gather the test set, get the maps, pool, write metrics.json and the plots; returns 0."""
+    from tqdm import tqdm
+
+    from pseudohealthy.evaluate import (
+        case_entries,
+        evaluate_maps,
+        find_restoration,
+        format_table,
+        save_plots,
+        to_json,
+    )
+
+    quiet = bool(getattr(args, "quiet", False))
+    cases = _cases(args)
+    _check(args, cases)
+    missing = [c.name for c in cases if find_restoration(c, args.restorations) is None]
+    if missing and args.ensemble is None:
+        where = f"in {args.restorations}" if args.restorations else "anywhere"
+        raise PseudohealthyError(
+            f"no anomaly map {where} for {', '.join(missing)}; give --ensemble to restore them"
+        )
+    if missing and not args.ensemble.is_dir():
+        raise PseudohealthyError(
+            f"{args.ensemble}: ensemble folder not found (needed for {', '.join(missing)})"
+        )
+    restore_settings = _settings(args) if missing else None
+
+    def load_ensemble():
+        from pseudohealthy.checkpoint import Ensemble
+
+        return Ensemble.from_dir(args.ensemble)
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = case_entries(
+        cases,
+        restorations=args.restorations,
+        ensemble=load_ensemble if missing else None,
+        settings=restore_settings,
+        slices_per_volume=args.slices_per_volume,
+        save_dir=out_dir / "anomaly_maps" if missing else None,
+    )
+
+    def bar(it):
+        return tqdm(it, total=len(cases), desc="evaluate", unit="scan", disable=quiet)
+
+    method = f"ensemble {args.ensemble.name}" if args.ensemble and not args.restorations else "restoration"
+    engine = None
+    if missing:
+        engine = {
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "seed": args.seed,
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "faithful_ssim": bool(args.faithful_ssim),
+        }
+    settings = {
+        "method": method,
+        "restorations": str(args.restorations) if args.restorations else None,
+        "ensemble": str(args.ensemble) if args.ensemble else None,
+        "restored": missing,
+        "engine": engine,
+        "slices_per_volume": args.slices_per_volume,
+        "size": args.size,
+        "invert_baseline": bool(args.invert_baseline),
+    }
+    result = evaluate_maps(
+        entries, size=args.size, invert_baseline=args.invert_baseline, progress=bar, settings=settings
+    )
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(to_json(result))
+    pr_path, roc_path = save_plots(result, out_dir, method)
+    print(format_table(result, method))
+    if not quiet:
+        print(f"metrics -> {metrics_path}\nplots -> {pr_path}, {roc_path}")
+    return 0

@@ -1,0 +1,261 @@
+"""`pseudohealthy restore`: pseudo-healthy restorations and anomaly maps of scans (NIfTI + JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pseudohealthy.errors import PseudohealthyError, ScanError
+
+OUTPUT_SUFFIXES = ("_pseudohealthy", "_anomaly", "_restore")
+DPM_STEPS = 20
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``restore`` subcommand."""
+    parser = subparsers.add_parser(
+        "restore",
+        help="restore scans to pseudo-healthy tissue with an ensemble and write anomaly maps",
+        description=(
+            "Restore every foreground axial slice of each SCAN (NIfTI files, or folders of them) "
+            "with every member of an ensemble and write, in the scan's own geometry, "
+            "<name>_pseudohealthy.nii.gz (original intensity units), <name>_anomaly.nii.gz "
+            "(ensemble 1 - SSIM map, 0 outside the restored foreground) and <name>_restore.json "
+            "(scores, per-slice scores, seeds, settings, timings, members)."
+        ),
+    )
+    parser.add_argument("scans", nargs="+", type=Path, metavar="SCAN", help="NIfTI scans or folders of them")
+    parser.add_argument("--ensemble", type=Path, required=True, help="ensemble folder (or one checkpoint)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="ddpm", help="default ddpm")
+    parser.add_argument(
+        "--steps", type=int, help=f"sampler steps (default 50; {DPM_STEPS} for dpm) — one network call each"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="default auto"
+    )
+    parser.add_argument("--batch-size", type=int, help="slices per batch (default: 8 on CPU, 32 on GPU)")
+    parser.add_argument("--members", help="comma-separated member names to use (default: all)")
+    parser.add_argument("--brain-mask", type=Path, help="brain mask NIfTI (default: voxels above background)")
+    parser.add_argument(
+        "--member-maps", action="store_true", help="also write <name>_anomaly_<member>.nii.gz"
+    )
+    parser.add_argument(
+        "--faithful-ssim", action="store_true", help="the reference's SSIM constants (data range 255)"
+    )
+    parser.add_argument(
+        "--slices",
+        help="axial slices (canonical RAS+ index) to restore: 40:60 (end excluded), 45, or 10:20,45 "
+        "(default: all slices with foreground)",
+    )
+    parser.add_argument(
+        "--t-start",
+        type=int,
+        help="partial-noising depth (default: 250 for an unconditioned ensemble, pure noise otherwise)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def parse_slices(spec: str | None, n_z: int) -> list[int] | None:
+    """``"40:60,70"`` -> ``[40, ..., 59, 70]`` (ranges end-exclusive, clipped to ``0..n_z``)."""
+    if spec is None:
+        return None
+    out: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        try:
+            if ":" in part:
+                lo, hi = (s.strip() for s in part.split(":", 1))
+                out.extend(range(*slice(int(lo) if lo else None, int(hi) if hi else None).indices(n_z)))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise PseudohealthyError(
+                f"--slices: cannot read {part!r} (use e.g. 40:60, 45 or 10:20,45)"
+            ) from None
+    if not out:
+        raise PseudohealthyError(f"--slices {spec!r} selects no slice")
+    return out
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _is_output(path: Path) -> bool:
+    from pseudohealthy.io import scan_name
+
+    name = scan_name(path)
+    return name.endswith(OUTPUT_SUFFIXES) or "_anomaly_" in name
+
+
+def collect_scans(paths: list[Path]) -> list[Path]:
+    """Files as given; folders -> their NIfTI files (sorted), skipping this command's outputs."""
+    scans: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p) and not _is_output(p))
+            if not found:
+                print(f"pseudohealthy restore: warning: no NIfTI scans in folder {path}", file=sys.stderr)
+            scans.extend(found)
+        else:
+            scans.append(path)
+    return scans
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _outputs(out_dir: Path, name: str, members: list[str] | None) -> dict[str, Path]:
+    outputs = {
+        "pseudo_healthy": out_dir / f"{name}_pseudohealthy.nii.gz",
+        "anomaly": out_dir / f"{name}_anomaly.nii.gz",
+    }
+    for member in members or []:
+        outputs[f"anomaly_{member}"] = out_dir / f"{name}_anomaly_{member}.nii.gz"
+    outputs["json"] = out_dir / f"{name}_restore.json"
+    return outputs
+
+
+def _check_outputs(outputs: dict[str, Path], inputs: list[Path], written: set[Path], overwrite: bool) -> None:
+    for path in outputs.values():
+        if any(_same(path, src) for src in inputs):
+            raise ScanError(path, "refusing to write onto an input file")
+        if path.resolve() in written:
+            raise ScanError(path, "another scan of this run has the same name and already wrote it")
+        if path.exists() and not overwrite:
+            raise ScanError(path, "already exists (use --overwrite to replace it)")
+
+
+def _progress_bar(name: str, quiet: bool):
+    """A tqdm bar in slices (fractional while a batch denoises) and its update callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=name, total=0, unit="slice", disable=quiet, leave=False, bar_format=None)
+
+    def update(p) -> None:
+        if bar.total != p.slices_total:
+            bar.reset(total=p.slices_total)
+        bar.n = round(p.done / max(p.total, 1) * p.slices_total, 2)
+        bar.refresh()
+
+    return bar, update
+
+
+def restore_scan(
+    path: Path,
+    ensemble,
+    settings,
+    args: argparse.Namespace,
+    inputs: list[Path],
+    written: set[Path],
+) -> dict[str, Any]:
+    """Restore one scan and write its outputs; returns the JSON record."""
+    import numpy as np
+
+    from pseudohealthy import __version__
+    from pseudohealthy.io import load_mask, load_scan, save_like, scan_name
+    from pseudohealthy.restore import restore_volume
+
+    quiet = bool(getattr(args, "quiet", False))
+    if not path.exists():
+        raise ScanError(path, "file not found")
+    outputs = _outputs(Path(args.output), scan_name(path), ensemble.names if args.member_maps else None)
+    _check_outputs(outputs, inputs, written, args.overwrite)
+    volume = load_scan(path)
+    brain = load_mask(args.brain_mask, volume) if args.brain_mask else None
+    slices = parse_slices(args.slices, volume.shape[2])
+    bar, update = _progress_bar(volume.name, quiet)
+    try:
+        result = restore_volume(volume, ensemble, settings, slices=slices, brain_mask=brain, progress=update)
+    finally:
+        bar.close()
+    if not result.restored:
+        raise ScanError(path, f"none of the requested slices ({args.slices}) has foreground")
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_like(result.pseudo_healthy, volume, outputs["pseudo_healthy"], overwrite=args.overwrite)
+    save_like(result.anomaly, volume, outputs["anomaly"], overwrite=args.overwrite)
+    if args.member_maps:
+        for m, member in enumerate(result.members):
+            save_like(result.member_maps[m], volume, outputs[f"anomaly_{member}"], overwrite=args.overwrite)
+    record = {
+        "scan": str(path),
+        "name": volume.name,
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "ensemble": {"path": str(ensemble.path or ""), "members": ensemble.describe()},
+        "brain_mask": str(args.brain_mask) if args.brain_mask else None,
+        "device": result.device,
+        "settings": result.settings,
+        "volume_score": result.volume_score,
+        "slice_scores": {str(k): float(v) for k, v in sorted(result.slice_scores.items())},
+        "restored_slices": sorted(result.restored),
+        "seeds": {str(k): [int(s) for s in v] for k, v in sorted(result.seeds.items())},
+        "timings": {
+            **{k: v for k, v in result.timings.items() if k != "per_slice_s"},
+            "per_slice_s": {str(k): float(v) for k, v in sorted(result.timings["per_slice_s"].items())},
+        },
+        "outputs": {k: str(v) for k, v in outputs.items()},
+    }
+    text = json.dumps(record, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    outputs["json"].write_text(text + "\n", encoding="utf-8")
+    written.update(p.resolve() for p in outputs.values())
+    if not quiet:
+        print(
+            f"{volume.name}: {len(result.restored)} slice(s), score {result.volume_score:.4f}, "
+            f"{result.timings['total_s']:.1f} s -> {outputs['anomaly']}"
+        )
+    return record
+
+
+def run(args: argparse.Namespace) -> int:
+    """Restore every scan; a bad scan is reported in one line and skipped. Returns 0, or 2 if any failed."""
+    from pseudohealthy.checkpoint import Ensemble
+    from pseudohealthy.device import resolve_device
+    from pseudohealthy.restore import RestoreSettings
+
+    steps = args.steps if args.steps is not None else (DPM_STEPS if args.sampler == "dpm" else 50)
+    settings = RestoreSettings(
+        sampler=args.sampler,
+        steps=steps,
+        seed=args.seed,
+        device=str(resolve_device(args.device)),
+        batch_size=args.batch_size,
+        precision=args.precision,
+        faithful_ssim=args.faithful_ssim,
+        keep_member_maps=args.member_maps,
+        t_start=args.t_start,
+    ).validate()
+    ensemble = Ensemble.from_dir(args.ensemble)
+    if args.members:
+        ensemble = ensemble.select([m.strip() for m in args.members.split(",") if m.strip()])
+    scans = collect_scans(list(args.scans))
+    if not scans:
+        raise PseudohealthyError("no scans to restore")
+    inputs = [*scans, *([args.brain_mask] if args.brain_mask else [])]
+    written: set[Path] = set()
+    failed = 0
+    for path in scans:
+        try:
+            restore_scan(path, ensemble, settings, args, inputs, written)
+        except PseudohealthyError as exc:
+            if getattr(args, "debug", False):
+                raise
+            failed += 1
+            print(f"pseudohealthy restore: error: {exc}", file=sys.stderr)
+    if failed and not getattr(args, "quiet", False):
+        print(f"{failed} of {len(scans)} scan(s) failed", file=sys.stderr)
+    return 2 if failed else 0

@@ -1,0 +1,127 @@
+"""`pseudohealthy synth`: write synthetic anomalies of a scan (NIfTI) and a PNG gallery."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pseudohealthy.errors import PseudohealthyError, ScanError
+
+GALLERY_SLICES = 3
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``synth`` subcommand."""
+    parser = subparsers.add_parser(
+        "synth",
+        help="corrupt a scan with the synthetic anomaly tasks (NIfTI + PNG gallery)",
+        description=(
+            "Corrupt the foreground axial slices of SCAN with synthetic anomalies, as used for "
+            "training, and write <name>_<task>_corrupted.nii.gz and <name>_<task>_mask.nii.gz in "
+            "the scan's own geometry, plus <name>_gallery.png."
+        ),
+    )
+    parser.add_argument("scan", type=Path, help="input NIfTI scan")
+    parser.add_argument(
+        "--task",
+        default="all",
+        help="task name or index (poisson_intra, poisson_inter, sink, source, intensity), "
+        "several separated by commas, or 'all' (default)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--brain-mask", type=Path, help="brain mask NIfTI (default: voxels above background)")
+    parser.add_argument("--inter-dir", type=Path, help="folder of other-modality images for poisson_inter")
+    parser.add_argument("--size", type=int, default=128, help="model-frame slice size (default 128)")
+    parser.add_argument("--slices", type=int, help="corrupt only N evenly spaced foreground slices")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _tasks(spec: str) -> tuple[int, ...]:
+    from pseudohealthy.anomalies import TASKS, task_indices
+
+    if spec.strip().lower() == "all":
+        return tuple(range(len(TASKS)))
+    try:
+        return task_indices(s for s in spec.split(",") if s.strip())
+    except ValueError as exc:
+        raise PseudohealthyError(str(exc)) from None
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Corrupt, map back, write; returns 0."""
+    from tqdm import tqdm
+
+    from pseudohealthy.anomalies import TASKS, load_inter_sources
+    from pseudohealthy.anomalies.scan import corrupt_scan, pick_positions
+    from pseudohealthy.gallery import save_gallery
+    from pseudohealthy.io import load_mask, load_scan, save_like
+    from pseudohealthy.preprocess import prepare_scan
+
+    quiet = bool(getattr(args, "quiet", False))
+    tasks = _tasks(args.task)
+    if not tasks:
+        raise PseudohealthyError("no task given")
+    if args.size < 16:
+        raise PseudohealthyError(f"--size must be at least 16, got {args.size}")
+    if args.slices is not None and args.slices < 1:
+        raise PseudohealthyError(f"--slices must be at least 1, got {args.slices}")
+
+    volume = load_scan(args.scan)
+    out_dir = Path(args.output)
+    name = volume.name
+    outputs = {
+        t: (out_dir / f"{name}_{TASKS[t]}_corrupted.nii.gz", out_dir / f"{name}_{TASKS[t]}_mask.nii.gz")
+        for t in tasks
+    }
+    gallery_path = out_dir / f"{name}_gallery.png"
+    inputs = [Path(args.scan)] + ([Path(args.brain_mask)] if args.brain_mask else [])
+    for path in [p for pair in outputs.values() for p in pair] + [gallery_path]:
+        if any(_same(path, src) for src in inputs):
+            raise ScanError(path, "refusing to write onto an input file")
+        if path.exists() and not args.overwrite:
+            raise ScanError(path, "already exists (use --overwrite to replace it)")
+
+    brain = load_mask(args.brain_mask, volume) if args.brain_mask else None
+    prepared = prepare_scan(volume, size=args.size, brain_mask=brain)
+    positions = pick_positions(len(prepared.indices), args.slices)
+    inter = load_inter_sources(args.inter_dir, size=args.size) if 1 in tasks else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    shown = positions[
+        np.unique(np.linspace(0.25, 0.75, GALLERY_SLICES) * (len(positions) - 1)).round().astype(int)
+    ]
+    shown = np.unique(shown)
+    rows = {}
+    for t in tasks:
+
+        def bar(it, t=t):
+            return tqdm(it, desc=TASKS[t], unit="slice", disable=quiet, leave=False)
+
+        result = corrupt_scan(
+            prepared, t, seed=args.seed, positions=positions, inter_sources=inter, progress=bar
+        )
+        image_path, mask_path = outputs[t]
+        save_like(result.volume, volume, image_path, overwrite=args.overwrite)
+        save_like(
+            result.mask_volume.astype(np.uint8), volume, mask_path, dtype=np.uint8, overwrite=args.overwrite
+        )
+        rows[TASKS[t]] = [
+            (prepared.images[j], result.corrupted[j], result.masks[j], f"z{prepared.indices[j]}")
+            for j in shown
+        ]
+        if not quiet:
+            print(f"{TASKS[t]}: {len(positions)} slices -> {image_path}, {mask_path}")
+    save_gallery(gallery_path, rows, title=f"{name}: synthetic anomalies (seed {args.seed})")
+    if not quiet:
+        print(f"gallery -> {gallery_path}")
+    return 0

@@ -1,0 +1,483 @@
+"""Benchmark evaluation: anomaly maps vs lesion masks in the benchmark's frame, pooled over a test set.
+
+The frame is the model frame of :mod:`pseudohealthy.preprocess`: every axial slice with
+foreground, squared and resized to ``size x size`` (128 by default). Lesion masks are resized
+there with linear interpolation and thresholded at > 0.4 (as the benchmark); anomaly maps (and
+the intensity baseline) are resized the same way. All slices and pixels of all volumes are
+pooled before any metric is computed (:mod:`pseudohealthy.metrics`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .maps import slice_scores, volume_score
+from .metrics import (
+    MAX_FPR,
+    MetricsError,
+    PixelPool,
+    intensity_baseline_scores,
+    metrics_from_pool,
+    roc_curve,
+)
+from .plots import thin_curve
+from .preprocess import SliceGeometry
+
+__all__ = [
+    "BASELINE_KEY",
+    "MASK_THRESHOLD",
+    "METRIC_KEYS",
+    "Case",
+    "EvalEntry",
+    "case_entries",
+    "cases_from_csv",
+    "cases_from_dir",
+    "cases_from_lists",
+    "evaluate_maps",
+    "find_restoration",
+    "foreground_slices",
+    "format_table",
+    "load_map",
+    "save_plots",
+    "to_frame",
+    "to_json",
+]
+
+log = logging.getLogger(__name__)
+
+MASK_THRESHOLD = 0.4
+BASELINE_KEY = "intensity_baseline"
+METRIC_KEYS = ("ap_image", "auroc", "ap_pixel", "best_dice", "dice_at_5fpr", "n_slices", "n_volumes")
+CURVE_POINTS = 400
+
+
+@dataclass
+class EvalEntry:
+    """One test volume in canonical space (X, Y, Z).
+
+    ``anomaly``: the method's map (float, in [0, 1]); ``lesion``: ground truth (bool);
+    ``foreground``: the brain (bool); ``image``: intensities for the intensity baseline (None:
+    no baseline); ``indices``: axial slices to evaluate (None: :func:`foreground_slices`).
+    """
+
+    name: str
+    anomaly: np.ndarray
+    lesion: np.ndarray
+    foreground: np.ndarray
+    image: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = np.shape(self.anomaly)
+        if len(shape) != 3:
+            raise ValueError(f"{self.name}: anomaly map must be 3D (X, Y, Z), got shape {shape}")
+        for what in ("lesion", "foreground", "image"):
+            arr = getattr(self, what)
+            if arr is not None and np.shape(arr) != shape:
+                raise ValueError(f"{self.name}: {what} shape {np.shape(arr)} differs from the map's {shape}")
+
+
+def foreground_slices(foreground: np.ndarray, min_foreground: float = 0.01) -> np.ndarray:
+    """Axial indices whose foreground covers at least ``min_foreground`` of the slice (or pixels)."""
+    fg = np.asarray(foreground, dtype=bool)
+    n_pixels = fg.shape[0] * fg.shape[1]
+    need = max(1, int(np.ceil(min_foreground * n_pixels))) if min_foreground < 1 else int(min_foreground)
+    return np.flatnonzero(fg.sum(axis=(0, 1)) >= need)
+
+
+def to_frame(volume: np.ndarray, indices: np.ndarray, geometry: SliceGeometry) -> np.ndarray:
+    """Axial slices ``indices`` of a canonical volume into the frame, (N, size, size) float32."""
+    stack = np.moveaxis(np.asarray(volume, dtype=np.float32)[:, :, indices], -1, 0)
+    return geometry.to_model(stack, order=1).astype(np.float32, copy=False)
+
+
+class _Pooled:
+    """Slice scores and pixels of one scoring method, pooled over volumes."""
+
+    def __init__(self) -> None:
+        self.pool = PixelPool()
+        self.scores: list[np.ndarray] = []
+
+    def add(self, maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        scores = slice_scores(maps)
+        self.scores.append(scores)
+        self.pool.update(maps, labels)
+        return scores
+
+    def result(self, slice_labels: np.ndarray, n_volumes: int) -> tuple[dict, dict]:
+        scores = np.concatenate(self.scores)
+        metrics = metrics_from_pool(
+            scores, slice_labels, self.pool, n_volumes=n_volumes, allow_undefined=True
+        )
+        curve = self.pool.curve()
+        precision, recall = curve.precision_recall()
+        recall, precision = thin_curve(recall, precision, CURVE_POINTS)
+        curves = {"pr_pixel": {"recall": _round(recall), "precision": _round(precision)}}
+        if 0 < slice_labels.sum() < slice_labels.size:
+            fpr, tpr = thin_curve(*roc_curve(scores, slice_labels), CURVE_POINTS)
+            curves["roc_slice"] = {"fpr": _round(fpr), "tpr": _round(tpr)}
+        if self.pool.n_clipped and not self.pool.exact:
+            log.warning(
+                "%d pixel scores outside [0, 1] were clipped for the pooled histogram", self.pool.n_clipped
+            )
+        return metrics, curves
+
+
+def _round(arr: np.ndarray) -> list[float]:
+    return [round(float(v), 6) for v in arr]
+
+
+def evaluate_maps(
+    entries: Iterable[EvalEntry],
+    *,
+    size: int = 128,
+    square: str = "pad",
+    min_foreground: float = 0.01,
+    invert_baseline: bool = False,
+    progress: Callable[[Iterable[EvalEntry]], Iterable[EvalEntry]] | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """Evaluate anomaly maps against lesion masks, pooled over all ``entries`` (may be a generator).
+
+    Returns a JSON-ready dict: the method's metrics at the top level (``ap_image, auroc,
+    ap_pixel, best_dice, dice_at_5fpr, n_slices, n_volumes`` and extras), the intensity
+    baseline's under ``"intensity_baseline"`` (when every entry has an ``image``), per-volume
+    records under ``"volumes"``, ``settings`` (when given) under ``"settings"`` and thinned
+    curves under ``"curves"``. Slice-level metrics are
+    ``None`` when all slices (or none) contain lesion. Raises MetricsError without lesion pixels.
+    """
+    method, baseline = _Pooled(), _Pooled()
+    labels: list[np.ndarray] = []
+    volumes: list[dict] = []
+    with_baseline = True
+    for entry in progress(entries) if progress is not None else entries:
+        geometry = SliceGeometry(tuple(entry.anomaly.shape[:2]), size, square)
+        idx = foreground_slices(entry.foreground, min_foreground) if entry.indices is None else entry.indices
+        idx = np.asarray(idx, dtype=int)
+        if idx.size == 0:
+            log.warning("%s: no slice to evaluate (no foreground); skipped", entry.name)
+            continue
+        lesion = to_frame(entry.lesion, idx, geometry) > MASK_THRESHOLD
+        maps = np.clip(to_frame(entry.anomaly, idx, geometry), 0.0, 1.0)
+        slice_lab = lesion.any(axis=(1, 2))
+        labels.append(slice_lab)
+        scores = method.add(maps, lesion)
+        record = {
+            "name": entry.name,
+            **entry.info,
+            "n_slices": int(idx.size),
+            "n_lesion_slices": int(slice_lab.sum()),
+            "n_lesion_pixels": int(lesion.sum()),
+            "score": float(scores.mean()),
+            "map_mean_in_brain": volume_score(entry.anomaly[:, :, idx], entry.foreground[:, :, idx]),
+        }
+        if entry.image is not None and with_baseline:
+            base = intensity_baseline_scores(entry.image, entry.foreground, invert=invert_baseline)
+            base = np.clip(to_frame(base, idx, geometry), 0.0, 1.0)
+            record["baseline_score"] = float(baseline.add(base, lesion).mean())
+        else:
+            with_baseline = False
+        volumes.append(record)
+    if not volumes:
+        raise MetricsError("no volume had a slice to evaluate")
+    slice_labels = np.concatenate(labels)
+    result, curves = method.result(slice_labels, len(volumes))
+    all_curves = {"method": curves}
+    result["prevalence_pixel"] = result["n_lesion_pixels"] / result["n_pixels"]
+    if with_baseline:
+        base_metrics, all_curves[BASELINE_KEY] = baseline.result(slice_labels, len(volumes))
+        base_metrics["invert"] = bool(invert_baseline)
+        result[BASELINE_KEY] = base_metrics
+    result["frame"] = {
+        "size": int(size),
+        "square": square,
+        "mask_threshold": MASK_THRESHOLD,
+        "max_fpr": MAX_FPR,
+    }
+    if settings is not None:
+        result["settings"] = settings
+    result["volumes"] = volumes
+    result["curves"] = all_curves
+    return result
+
+
+def to_json(result: dict) -> str:
+    """``result`` as indented JSON with lists of numbers kept on one line."""
+    import json
+    import re
+
+    text = json.dumps(result, indent=1)
+    return (
+        re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
+    )
+
+
+def _fmt(value: float | int | None, width: int) -> str:
+    if value is None:
+        return f"{'n/a':>{width}}"
+    if isinstance(value, int):
+        return f"{value:>{width}d}"
+    return f"{value:>{width}.3f}"
+
+
+def format_table(result: dict, method_name: str = "method") -> str:
+    """A text table: one row for the method and one for the intensity baseline."""
+    cols = [("AP_i", "ap_image"), ("AUROC", "auroc"), ("AP_p", "ap_pixel"), ("[Dsc]", "best_dice")]
+    cols += [("Dice@5%FPR", "dice_at_5fpr"), ("n", "n_slices")]
+    rows = [(method_name, result)]
+    if BASELINE_KEY in result:
+        rows.append(("intensity baseline", result[BASELINE_KEY]))
+    name_w = max(len(r[0]) for r in rows) + 2
+    widths = [max(len(c[0]), 6) + 2 for c in cols]
+    lines = ["".ljust(name_w) + "".join(f"{c[0]:>{w}}" for c, w in zip(cols, widths, strict=True))]
+    for name, metrics in rows:
+        cells = "".join(_fmt(metrics.get(k), w) for (_, k), w in zip(cols, widths, strict=True))
+        lines.append(name.ljust(name_w) + cells)
+    lines.append(
+        f"({result['n_volumes']} volumes, {result['n_slices']} slices, "
+        f"{result['n_lesion_slices']} with lesion; pooled over the whole set)"
+    )
+    return "\n".join(lines)
+
+
+def save_plots(result: dict, out_dir: str | Path, method_name: str = "method") -> tuple[Path, Path]:
+    """Write ``pr_curve.png`` (pixel level) and ``roc_curve.png`` (slice level) into ``out_dir``."""
+    from .plots import save_pr_curves, save_roc_curves
+
+    out_dir = Path(out_dir)
+    pr, roc = {}, {}
+    for key, label, metrics in _labelled(result, method_name):
+        curves = result["curves"][key]
+        pr[f"{label} (AP_p {metrics['ap_pixel']:.3f})"] = (
+            curves["pr_pixel"]["recall"],
+            curves["pr_pixel"]["precision"],
+        )
+        if "roc_slice" in curves:
+            roc[f"{label} (AUROC {metrics['auroc']:.3f})"] = (
+                curves["roc_slice"]["fpr"],
+                curves["roc_slice"]["tpr"],
+            )
+    pr_path = save_pr_curves(out_dir / "pr_curve.png", pr, prevalence=result.get("prevalence_pixel"))
+    title = "Slice-level ROC" if roc else "Slice-level ROC (undefined: one class only)"
+    roc_path = save_roc_curves(out_dir / "roc_curve.png", roc, title=title)
+    return pr_path, roc_path
+
+
+def _labelled(result: dict, method_name: str) -> Iterator[tuple[str, str, dict]]:
+    yield "method", method_name, result
+    if BASELINE_KEY in result:
+        yield BASELINE_KEY, "intensity baseline", result[BASELINE_KEY]
+
+
+# --- test sets on disk ---------------------------------------------------------------------------
+
+ANOMALY_SUFFIX = "_anomaly.nii.gz"
+
+
+@dataclass
+class Case:
+    """One test scan with its lesion mask (and optional brain mask); ``name`` is unique in a set."""
+
+    scan: Path
+    mask: Path
+    brain_mask: Path | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        from .io import scan_name
+
+        self.scan, self.mask = Path(self.scan), Path(self.mask)
+        self.brain_mask = Path(self.brain_mask) if self.brain_mask else None
+        self.name = self.name or scan_name(self.scan)
+
+
+def unique_names(cases: list[Case]) -> list[Case]:
+    """Prefix the parent folder's name where scan names repeat (``patient07_FLAIR``)."""
+    from collections import Counter
+
+    counts = Counter(c.name for c in cases)
+    for c in cases:
+        if counts[c.name] > 1:
+            c.name = f"{c.scan.parent.name}_{c.name}"
+    dupes = [n for n, k in Counter(c.name for c in cases).items() if k > 1]
+    if dupes:
+        from .errors import PseudohealthyError
+
+        raise PseudohealthyError(f"scans listed twice or ambiguous names: {', '.join(dupes)}")
+    return cases
+
+
+def cases_from_lists(
+    scans: list[Path], masks: list[Path], brain_masks: list[Path] | None = None
+) -> list[Case]:
+    """Pair scans with masks (and brain masks) by position."""
+    from .errors import PseudohealthyError
+
+    if len(scans) != len(masks):
+        raise PseudohealthyError(f"{len(scans)} scans but {len(masks)} masks: give one mask per scan")
+    if brain_masks and len(brain_masks) != len(scans):
+        raise PseudohealthyError(f"{len(scans)} scans but {len(brain_masks)} brain masks")
+    brains = brain_masks or [None] * len(scans)
+    return unique_names([Case(s, m, b) for s, m, b in zip(scans, masks, brains, strict=True)])
+
+
+def cases_from_csv(path: str | Path) -> list[Case]:
+    """Rows ``scan,mask[,brain_mask]`` (an optional header row starting with ``scan``); relative
+    paths are taken from the CSV's folder."""
+    import csv
+
+    from .errors import PseudohealthyError
+
+    path = Path(path)
+    if not path.is_file():
+        raise PseudohealthyError(f"{path}: pairs file not found")
+    cases = []
+    with open(path, newline="") as fh:
+        for i, row in enumerate(csv.reader(fh), start=1):
+            cells = [c.strip() for c in row]
+            if not any(cells) or cells[0].startswith("#") or (i == 1 and cells[0].lower() == "scan"):
+                continue
+            if len(cells) < 2 or not cells[0] or not cells[1]:
+                raise PseudohealthyError(f"{path}, line {i}: expected 'scan,mask[,brain_mask]', got {row}")
+            paths = [path.parent / c if c else None for c in cells[:3]]
+            cases.append(Case(*paths))
+    if not cases:
+        raise PseudohealthyError(f"{path}: no scan,mask rows")
+    return unique_names(cases)
+
+
+def cases_from_dir(
+    folder: str | Path, scan_glob: str, mask_name: str, brain_mask_name: str | None = None
+) -> list[Case]:
+    """Scans matching ``scan_glob`` under ``folder``; the mask is ``mask_name`` beside each scan."""
+    from .errors import PseudohealthyError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PseudohealthyError(f"{folder}: dataset folder not found")
+    scans = sorted(p for p in folder.glob(scan_glob) if p.is_file())
+    if not scans:
+        raise PseudohealthyError(f"{folder}: no file matches {scan_glob!r}")
+    cases = []
+    for scan in scans:
+        brain = scan.parent / brain_mask_name if brain_mask_name else None
+        cases.append(Case(scan, scan.parent / mask_name, brain))
+    return unique_names(cases)
+
+
+def find_restoration(case: Case, folder: str | Path | None) -> Path | None:
+    """``<name>_anomaly.nii.gz`` (or ``.nii``) for ``case`` in ``folder``; also tried:
+    ``<parent folder>/<scan name>_anomaly...`` and, when the case was not renamed for
+    uniqueness, ``<scan name>_anomaly...``."""
+    if folder is None:
+        return None
+    from .io import scan_name
+
+    folder = Path(folder)
+    base = scan_name(case.scan)
+    candidates = [
+        folder / f"{case.name}{ANOMALY_SUFFIX}",
+        folder / case.scan.parent.name / f"{base}{ANOMALY_SUFFIX}",
+    ]
+    if case.name == base:
+        candidates.append(folder / f"{base}{ANOMALY_SUFFIX}")
+    candidates += [c.with_name(c.name[: -len(".gz")]) for c in candidates]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_map(path: str | Path, like) -> np.ndarray:
+    """A float map (e.g. ``*_anomaly.nii.gz``) in canonical orientation, checked against ``like``."""
+    import nibabel as nib
+
+    from .errors import ScanError
+
+    path = Path(path)
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:
+        raise ScanError(path, f"cannot read anomaly map ({type(exc).__name__}: {exc})") from exc
+    data = data.reshape(data.shape[:3]) if data.ndim > 3 and all(s == 1 for s in data.shape[3:]) else data
+    if data.shape != like.data.shape:
+        raise ScanError(path, f"anomaly map shape {data.shape} does not match the scan's {like.data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise ScanError(path, "anomaly map contains NaN or Inf")
+    return data
+
+
+def pick_slices(indices: np.ndarray, n: int | None) -> np.ndarray:
+    """``n`` evenly spaced entries of ``indices`` (all when ``n`` is None or large enough)."""
+    indices = np.asarray(indices)
+    if n is None or n >= indices.size:
+        return indices
+    return indices[np.unique(np.round(np.linspace(0, indices.size - 1, n)).astype(int))]
+
+
+def restore_anomaly(
+    volume, ensemble, settings, slices: np.ndarray, brain_mask: np.ndarray | None
+) -> np.ndarray:
+    """The engine's canonical anomaly map for ``slices`` (a hook the tests replace)."""
+    from .restore import restore_volume
+
+    return np.asarray(
+        restore_volume(
+            volume, ensemble, settings, slices=[int(k) for k in slices], brain_mask=brain_mask
+        ).anomaly
+    )
+
+
+def case_entries(
+    cases: Iterable[Case],
+    *,
+    restorations: str | Path | None = None,
+    ensemble: Callable[[], object] | None = None,
+    settings: object | None = None,
+    slices_per_volume: int | None = None,
+    save_dir: str | Path | None = None,
+) -> Iterator[EvalEntry]:
+    """Load each case and its anomaly map, one at a time, as :class:`EvalEntry`.
+
+    Maps found in ``restorations`` (:func:`find_restoration`) are reused and nothing is
+    restored; otherwise ``ensemble()`` (called once, lazily) restores the selected slices with
+    ``settings``. Restored full volumes are written to ``save_dir`` as ``<name>_anomaly.nii.gz``
+    (not when slices were subsampled, so a reused map is always complete).
+    """
+    from .errors import PseudohealthyError
+    from .io import load_mask, load_scan, save_like
+    from .preprocess import foreground_mask
+
+    loaded = None
+    for case in cases:
+        volume = load_scan(case.scan)
+        lesion = load_mask(case.mask, volume)
+        brain = load_mask(case.brain_mask, volume) if case.brain_mask else None
+        foreground = foreground_mask(volume.data, brain)
+        every = foreground_slices(foreground)
+        idx = pick_slices(every, slices_per_volume)
+        found = find_restoration(case, restorations)
+        info: dict = {"scan": str(case.scan), "mask": str(case.mask)}
+        if found is not None:
+            anomaly = load_map(found, volume)
+            info["anomaly_source"] = str(found)
+        elif ensemble is not None:
+            if loaded is None:
+                loaded = ensemble()
+            anomaly = restore_anomaly(volume, loaded, settings, idx, brain)
+            info["anomaly_source"] = "restored"
+            if save_dir is not None and idx.size == every.size:
+                out = save_like(
+                    anomaly, volume, Path(save_dir) / f"{case.name}{ANOMALY_SUFFIX}", overwrite=True
+                )
+                info["anomaly_saved"] = str(out)
+        else:
+            where = f" in {restorations}" if restorations else ""
+            raise PseudohealthyError(
+                f"{case.name}: no {case.name}{ANOMALY_SUFFIX}{where} and no ensemble to restore with"
+            )
+        yield EvalEntry(case.name, anomaly, lesion, foreground, volume.data, idx, info)

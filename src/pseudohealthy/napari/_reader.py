@@ -1,0 +1,123 @@
+"""napari reader for NIfTI (.nii, .nii.gz): canonical RAS+ voxels + their full affine.
+
+Every file opens reoriented to closest-canonical RAS+ (the library's convention, the same as
+:func:`pseudohealthy.io.load_scan`), with the canonical 4x4 affine as the layer ``affine``: so
+napari's world coordinates are the file's RAS+ millimetres, only a residual rotation (oblique
+scans) is left to the affine, and permuted files (e.g. PSR) display without napari having to
+slice through a permutation. Images are validated by ``load_scan``; label-like files (integer
+values, few of them, or a name with mask/seg/label) open as Labels. Layer metadata holds the
+NIfTI header as plain values, the source path, the source (stored) affine and the layer affine.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornts
+
+from ..io import load_scan, scan_name
+from ._layers import NIFTI_KEY, RAS_LABELS
+
+LABEL_NAME = re.compile(r"(mask|seg|label|lesion|roi|annot)", re.IGNORECASE)
+MAX_LABELS_UNNAMED = 16  # integer files with at most this many values open as Labels
+MAX_LABELS_NAMED = 1024  # ... or this many when the name says mask/seg/label
+
+LayerData = tuple[np.ndarray, dict[str, Any], str]
+
+
+def napari_get_reader(path: str | Sequence[str]) -> Callable[[str | Sequence[str]], list[LayerData]] | None:
+    """Return :func:`read_nifti` when every path is a NIfTI file name, else None."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    if not paths or not all(str(p).lower().endswith((".nii", ".nii.gz")) for p in paths):
+        return None
+    return read_nifti
+
+
+def read_nifti(path: str | Sequence[str]) -> list[LayerData]:
+    """Read one or more NIfTI files into napari layer data tuples."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    return [read_one(p) for p in paths]
+
+
+def header_dict(header: nib.Nifti1Header) -> dict[str, Any]:
+    """The NIfTI header as a dict of plain Python values (numbers, lists, strings)."""
+    out: dict[str, Any] = {}
+    for key in header:
+        value = np.asarray(header[key])
+        if value.dtype.kind == "S":
+            out[key] = value.tobytes().rstrip(b"\x00").decode("latin-1")
+        else:
+            plain = value.tolist()
+            out[key] = None if isinstance(plain, float) and not np.isfinite(plain) else plain
+    return out
+
+
+def read_one(path: str | Path) -> LayerData:
+    """One NIfTI file -> (data in stored order, layer kwargs, "image" | "labels")."""
+    path = Path(path)
+    labels = _read_labels(path)
+    if labels is not None:
+        raw, img = labels
+        source_affine = np.array(img.affine, dtype=float)
+        ornt = ornts.io_orientation(source_affine)
+        data = np.ascontiguousarray(ornts.apply_orientation(raw, ornt))
+        affine = source_affine @ ornts.inv_ornt_aff(ornt, raw.shape)
+        header = img.header
+        kind = "labels"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            volume = load_scan(path)
+        for warning in caught:  # repairs (NaN voxels) become napari notifications
+            warnings.warn(str(warning.message), warning.category, stacklevel=2)
+        data, affine, source_affine = volume.data, volume.affine, volume.source_affine
+        header = volume.header
+        kind = "image"
+    meta = {
+        NIFTI_KEY: affine.tolist(),
+        "source_path": str(path.resolve()),
+        "source_affine": source_affine.tolist(),
+        "nifti_header": header_dict(header),
+    }
+    kwargs: dict[str, Any] = {
+        "name": scan_name(path),
+        "affine": affine,
+        "metadata": meta,
+        "units": ("mm",) * 3,
+        "axis_labels": RAS_LABELS,
+    }
+    if kind == "image":
+        lo, hi = np.percentile(data, [0.5, 99.5]) if data.size else (0.0, 1.0)
+        kwargs.update(colormap="gray", contrast_limits=(float(lo), float(max(hi, lo + 1e-6))))
+    return data, kwargs, kind
+
+
+def _read_labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Image] | None:
+    """Integer-valued data for label-like files, else None (errors surface via load_scan)."""
+    try:
+        img = nib.load(path)
+        dtype = img.header.get_data_dtype()
+        named = bool(LABEL_NAME.search(scan_name(path)))
+        if dtype.kind not in "iub" and not (named and dtype.kind == "f"):
+            return None
+        if len(img.shape) < 3 or any(s != 1 for s in img.shape[3:]):
+            return None
+        raw = np.asanyarray(img.dataobj).reshape(img.shape[:3])
+    except Exception:  # unreadable: let load_scan explain why
+        return None
+    if not np.all(np.isfinite(raw)) or not np.all(np.isfinite(img.affine)):
+        return None
+    if raw.dtype.kind == "f" and not np.array_equal(raw, np.round(raw)):
+        return None
+    values = np.unique(raw)
+    if len(values) > (MAX_LABELS_NAMED if named else MAX_LABELS_UNNAMED) or values.min() < 0:
+        return None
+    top = int(values.max())
+    dtype_out = np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.int32
+    return raw.astype(dtype_out), img

@@ -1,0 +1,234 @@
+"""Dock widget: threshold the anomaly map into the lesion mask and browse per-slice scores."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QLabeledDoubleSlider
+
+from ._layers import Frame, canonical_view, current_axial_index, go_to_axial, layer_frame, show_axial
+from ._outputs import (
+    DEFAULT_THRESHOLD,
+    find_output,
+    record,
+    set_record,
+    suggest_threshold,
+    threshold_mask,
+    volume_score,
+)
+
+if TYPE_CHECKING:
+    import napari
+    from napari.layers import Image, Labels
+
+_BG, _FG, _ACCENT = "#262930", "#d1d2d4", "#f4a261"
+
+
+class ThresholdWidget(QWidget):
+    """Slider on the anomaly map -> lesion mask (live), suggested threshold, per-slice score plot."""
+
+    def __init__(self, napari_viewer: napari.Viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self._layer: Image | None = None
+        self.suggested: float | None = None
+        self._build()
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed):
+            event.connect(self._refresh_layers)
+        self.viewer.dims.events.point.connect(self._update_cursor)
+        self._refresh_layers()
+        show_axial(self.viewer)
+
+    def _build(self) -> None:
+        self.layer_combo = QComboBox()
+        self.layer_combo.currentIndexChanged.connect(self._select_layer)
+        self.slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0.0, 1.0)
+        self.slider.setDecimals(3)
+        self.slider.setSingleStep(0.005)
+        self.slider.setValue(DEFAULT_THRESHOLD)
+        self.slider.valueChanged.connect(self.set_threshold)
+        self.suggest_label = QLabel("suggested: –")
+        self.suggest_button = QPushButton("Apply suggestion")
+        self.suggest_button.clicked.connect(self.apply_suggestion)
+        row = QHBoxLayout()
+        row.addWidget(self.suggest_label, 1)
+        row.addWidget(self.suggest_button)
+        self.score_label = QLabel("volume score: –")
+        self.score_label.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("Anomaly map", self.layer_combo)
+        form.addRow("Threshold", self.slider)
+        form.addRow(row)
+        form.addRow(self.score_label)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        self._build_plot(layout)
+
+    def _build_plot(self, layout: QVBoxLayout) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3.2, 2.0), facecolor=_BG, layout="constrained")
+        self.axes = fig.add_subplot(111)
+        self.canvas = FigureCanvasQTAgg(fig)
+        self.canvas.setMinimumHeight(160)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.canvas.mpl_connect("button_press_event", self._on_click)
+        layout.addWidget(self.canvas, 1)
+        self._draw([], [], None)
+
+    # ------------------------------------------------------------------ layers
+    def anomaly_layers(self) -> list[Image]:
+        return [lay for lay in self.viewer.layers if record(lay).get("role") == "anomaly"]
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        current = self.layer_combo.currentText()
+        names = [lay.name for lay in self.anomaly_layers()]
+        inserted = getattr(event, "value", None)
+        if inserted is not None and inserted.name in names:
+            current = inserted.name
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if current in names:
+            self.layer_combo.setCurrentText(current)
+        self.layer_combo.blockSignals(False)
+        self._select_layer()
+
+    def anomaly_layer(self) -> Image | None:
+        name = self.layer_combo.currentText()
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def mask_layer(self) -> Labels | None:
+        layer = self.anomaly_layer()
+        if layer is None:
+            return None
+        return find_output(self.viewer, record(layer).get("source_layer", ""), "mask")
+
+    def _select_layer(self, *_: Any) -> None:
+        layer = self.anomaly_layer()
+        if layer is self._layer:
+            return
+        if self._layer is not None:
+            self._layer.events.metadata.disconnect(self.refresh)
+        self._layer = layer
+        if layer is not None:
+            layer.events.metadata.connect(self.refresh)
+            mask = self.mask_layer()
+            threshold = record(mask).get("threshold") if mask is not None else None
+            if threshold is not None:
+                self.slider.blockSignals(True)
+                self.slider.setValue(float(threshold))
+                self.slider.blockSignals(False)
+        self.refresh()
+
+    def _frame(self) -> Frame | None:
+        return layer_frame(self._layer) if self._layer is not None else None
+
+    # ------------------------------------------------------------------ threshold
+    def threshold(self) -> float:
+        return float(self.slider.value())
+
+    def set_threshold(self, value: float) -> None:
+        """Recompute the lesion mask as ``anomaly map > value`` (live, whole volume)."""
+        anomaly, mask = self.anomaly_layer(), self.mask_layer()
+        if self.slider.value() != value:
+            self.slider.setValue(value)  # re-enters through valueChanged
+            return
+        if anomaly is None or mask is None or np.shape(mask.data) != np.shape(anomaly.data):
+            return
+        threshold_mask(np.asarray(anomaly.data), float(value), out=mask.data)
+        mask.refresh()
+        set_record(mask, threshold=float(value))
+
+    def apply_suggestion(self) -> None:
+        if self.suggested is not None:
+            self.set_threshold(round(self.suggested, 3))
+
+    # ------------------------------------------------------------------ scores and plot
+    def refresh(self, event: Any = None) -> None:
+        """Update the suggestion, the volume score and the plot from the anomaly layer's record."""
+        layer = self._layer
+        rec = record(layer) if layer is not None else {}
+        slices, scores = list(rec.get("slices", [])), list(rec.get("scores", []))
+        frame = self._frame()
+        self.suggested, source = rec.get("ensemble_threshold"), "ensemble validation"
+        if self.suggested is None and layer is not None and frame is not None and slices:
+            self.suggested = suggest_threshold(canonical_view(layer.data, frame), slices, scores)
+            source = "99th percentile, calm slices"
+        self.suggest_label.setText(
+            "suggested: –" if self.suggested is None else f"suggested: {self.suggested:.3f} ({source})"
+        )
+        self.suggest_button.setEnabled(self.suggested is not None)
+        mask = self.mask_layer()
+        saved = record(mask).get("threshold") if mask is not None else None
+        if saved is not None and abs(float(saved) - self.threshold()) > 1e-9:
+            self.slider.blockSignals(True)
+            self.slider.setValue(float(saved))
+            self.slider.blockSignals(False)
+        score = volume_score(scores)
+        if score is None:
+            self.score_label.setText("volume score: –")
+        else:
+            top = int(np.argmax(scores))
+            self.score_label.setText(
+                f"volume score: {score:.4f} (mean of {len(scores)} slice score(s); "
+                f"highest {scores[top]:.4f} at axial {slices[top]})"
+            )
+        current = current_axial_index(self.viewer, layer, frame) if layer is not None and frame else None
+        self._draw(slices, scores, current)
+
+    def _draw(self, slices: list[int], scores: list[float], current: int | None) -> None:
+        ax = self.axes
+        ax.clear()
+        ax.set_facecolor(_BG)
+        for spine in ax.spines.values():
+            spine.set_color(_FG)
+        ax.tick_params(colors=_FG, labelsize=7)
+        ax.set_xlabel("axial slice (click to go there)", color=_FG, fontsize=8)
+        ax.set_ylabel("slice score", color=_FG, fontsize=8)
+        frame = self._frame()
+        n = frame.shape[2] if frame is not None else 1
+        ax.set_xlim(-0.5, max(n - 0.5, 0.5))
+        if slices:
+            order = np.argsort(slices)
+            xs, ys = np.asarray(slices)[order], np.asarray(scores)[order]
+            ax.vlines(xs, 0, ys, color=_ACCENT, linewidth=1.5)
+            ax.plot(xs, ys, "o", color=_ACCENT, markersize=3)
+            ax.set_ylim(0, max(float(ys.max()) * 1.15, 1e-3))
+        self._cursor = ax.axvline(current if current is not None else -10, color="#6ab0de", linewidth=1)
+        self.canvas.draw_idle()
+
+    def _update_cursor(self, event: Any = None) -> None:
+        layer, frame = self._layer, self._frame()
+        if layer is None or frame is None:
+            return
+        k = current_axial_index(self.viewer, layer, frame)
+        self._cursor.set_xdata([k, k])
+        self.canvas.draw_idle()
+
+    def _on_click(self, event: Any) -> None:
+        if event.inaxes is not self.axes or event.xdata is None:
+            return
+        self.go_to(round(event.xdata))
+
+    def go_to(self, index: int) -> None:
+        """Show canonical axial slice ``index`` in the viewer."""
+        layer, frame = self._layer, self._frame()
+        if layer is None or frame is None:
+            return
+        go_to_axial(self.viewer, layer, frame, int(np.clip(index, 0, frame.shape[2] - 1)))

@@ -1,0 +1,65 @@
+"""Shared fixtures: the real scans in ../shared/data and small synthetic NIfTI files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of the project's shared real scans (``../shared/data``); skips if absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+def phantom(shape: tuple[int, ...] = (32, 32, 12), background: float = 0.0, seed: int = 0) -> np.ndarray:
+    """A smooth ellipsoidal "brain" with two tissue levels on a constant background, float32."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    r2 = sum((g / 0.8) ** 2 for g in grids)
+    inner = sum((g / 0.4) ** 2 for g in grids)
+    img = np.where(r2 < 1, 0.5 + 0.3 * np.exp(-inner) + 0.02 * rng.standard_normal(shape), 0.0)
+    img = np.where(r2 < 1, img, background)
+    return img.astype(np.float32)
+
+
+def write_nifti(
+    path: str | Path,
+    data: np.ndarray,
+    affine: np.ndarray | None = None,
+    dtype: np.dtype | type | None = None,
+) -> Path:
+    """Write ``data`` (stored as ``dtype``, no scaling) with ``affine`` (default 1 mm identity)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(data) if dtype is None else np.asarray(data).astype(dtype)
+    img = nib.Nifti1Image(arr, np.eye(4) if affine is None else affine)
+    img.header.set_data_dtype(arr.dtype)
+    nib.save(img, path)
+    return path
+
+
+@pytest.fixture
+def make_nifti(tmp_path: Path) -> Callable[..., Path]:
+    """Factory ``make_nifti(data=None, name="scan.nii.gz", affine=None, dtype=None) -> Path``.
+
+    With ``data=None`` writes a 32x32x12 phantom; files go into the test's ``tmp_path``.
+    """
+
+    def make(
+        data: np.ndarray | None = None,
+        name: str = "scan.nii.gz",
+        affine: np.ndarray | None = None,
+        dtype: np.dtype | type | None = None,
+    ) -> Path:
+        return write_nifti(tmp_path / name, phantom() if data is None else data, affine, dtype)
+
+    return make

@@ -1,0 +1,179 @@
+"""`pseudohealthy restore`: outputs in the input's exact geometry, JSON record, refusals, bad scans."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pseudohealthy import __version__, checkpoint, model
+from pseudohealthy.cli import main
+from pseudohealthy.cli.restore import collect_scans, parse_slices
+from pseudohealthy.errors import PseudohealthyError
+from pseudohealthy.io import load_scan
+
+BRATS = "lesion/brats2013/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz"  # 240x240x155, LPS
+FAST = ["--sampler", "ddim", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ens")
+    cfg = model.get_preset("tiny")
+    for i, name in enumerate(("fold0", "fold1")):
+        torch.manual_seed(i)
+        checkpoint.save_checkpoint(model.build_model(cfg), cfg, {"fold": i}, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def small_scan(tmp_path_factory, shared_data: Path) -> Path:
+    """A crop of a real BraTS FLAIR (still LPS, oblique-free) to keep the tests fast."""
+    src = nib.load(shared_data / BRATS)
+    path = tmp_path_factory.mktemp("scan") / "flair.nii.gz"
+    nib.save(src.slicer[40:200:2, 30:210:2, 50:110], path)  # 80 x 90 x 60
+    return path
+
+
+def _restore(*args: str | Path) -> int:
+    return main(["-q", "restore", *map(str, args)])
+
+
+def test_real_scan_outputs_keep_the_input_geometry(
+    shared_data: Path, ensemble_dir: Path, tmp_path: Path
+) -> None:
+    scan = shared_data / BRATS
+    out = tmp_path / "out"
+    rc = _restore(scan, "--ensemble", ensemble_dir, "-o", out, "--slices", "70:73", "--member-maps", *FAST)
+    assert rc == 0
+    name = "Flair_subtrMeanDivStd"
+    src = nib.load(scan)
+    for suffix in ("pseudohealthy", "anomaly", "anomaly_fold0", "anomaly_fold1"):
+        img = nib.load(out / f"{name}_{suffix}.nii.gz")
+        assert img.shape == src.shape
+        np.testing.assert_allclose(img.affine, src.affine)
+        assert nib.aff2axcodes(img.affine) == nib.aff2axcodes(src.affine) == ("L", "P", "S")
+    # back in the canonical frame: only slices 70-72 changed; the rest is the input exactly
+    vol = load_scan(scan)
+    pseudo = load_scan(out / f"{name}_pseudohealthy.nii.gz").data
+    anomaly = nib.as_closest_canonical(nib.load(out / f"{name}_anomaly.nii.gz")).get_fdata()
+    others = np.setdiff1d(np.arange(vol.shape[2]), [70, 71, 72])
+    np.testing.assert_array_equal(pseudo[:, :, others], vol.data[:, :, others])
+    assert not anomaly[:, :, others].any()
+    for k in (70, 71, 72):
+        assert anomaly[:, :, k].max() > 0 and np.abs(pseudo[:, :, k] - vol.data[:, :, k]).max() > 0
+    assert anomaly.min() >= 0 and anomaly.max() <= 1
+    record = json.loads((out / f"{name}_restore.json").read_text())
+    assert record["package_version"] == __version__ and record["scan"] == str(scan)
+    assert list(record["slice_scores"]) == ["70", "71", "72"] and record["restored_slices"] == [70, 71, 72]
+    assert [m["name"] for m in record["ensemble"]["members"]] == ["fold0", "fold1"]
+    assert all(len(record["seeds"][k]) == 2 for k in ("70", "71", "72"))
+    assert record["settings"]["sampler"] == "ddim" and record["settings"]["steps"] == 2
+    assert record["device"] == "cpu" and record["timings"]["total_s"] > 0
+    assert set(record["timings"]["per_slice_s"]) == {"70", "71", "72"}
+    assert 0 < record["volume_score"] <= 1
+
+
+def test_members_and_folder_input(small_scan: Path, ensemble_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(small_scan, folder / "a.nii.gz")
+    shutil.copy(small_scan, folder / "a_anomaly.nii.gz")  # looks like an output: skipped
+    (folder / "notes.txt").write_text("not a scan")
+    assert collect_scans([folder]) == [folder / "a.nii.gz"]
+    out = tmp_path / "out"
+    args = ["--members", "fold1", "--member-maps", "--slices", "30,31", "--seed", "3"]
+    assert _restore(folder, "--ensemble", ensemble_dir, "-o", out, *args, *FAST) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a_anomaly.nii.gz",
+        "a_anomaly_fold1.nii.gz",
+        "a_pseudohealthy.nii.gz",
+        "a_restore.json",
+    ]
+    record = json.loads((out / "a_restore.json").read_text())
+    assert [m["name"] for m in record["ensemble"]["members"]] == ["fold1"]
+    assert record["settings"]["seed"] == 3 and record["restored_slices"] == [30, 31]
+    # one member: its own map is the ensemble map
+    ens = nib.load(out / "a_anomaly.nii.gz").get_fdata()
+    np.testing.assert_allclose(nib.load(out / "a_anomaly_fold1.nii.gz").get_fdata(), ens, atol=1e-6)
+    assert (
+        _restore(
+            folder / "a.nii.gz", "--ensemble", ensemble_dir, "-o", tmp_path / "o2", "--members", "nope", *FAST
+        )
+        == 2
+    )
+
+
+def test_never_writes_onto_inputs_or_existing_outputs(
+    small_scan: Path, ensemble_dir: Path, tmp_path: Path, capsys
+) -> None:
+    scan = tmp_path / "x.nii.gz"
+    shutil.copy(small_scan, scan)
+    decoy = tmp_path / "x_pseudohealthy.nii.gz"  # the output name of x, given as an input too
+    shutil.copy(small_scan, decoy)
+    before = decoy.read_bytes(), scan.read_bytes()
+    rc = _restore(scan, decoy, "--ensemble", ensemble_dir, "-o", tmp_path, "--slices", "30", *FAST)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "refusing to write onto an input file" in err and str(decoy) in err
+    assert (decoy.read_bytes(), scan.read_bytes()) == before
+    # the decoy itself was restored (its own outputs do not clash with an input)
+    assert (tmp_path / "x_pseudohealthy_anomaly.nii.gz").is_file()
+    assert not (tmp_path / "x_anomaly.nii.gz").exists()
+
+    out = tmp_path / "out"
+    assert _restore(scan, "--ensemble", ensemble_dir, "-o", out, "--slices", "30", *FAST) == 0
+    first = (out / "x_anomaly.nii.gz").read_bytes()
+    assert _restore(scan, "--ensemble", ensemble_dir, "-o", out, "--slices", "30", *FAST) == 2
+    assert "already exists" in capsys.readouterr().err
+    args = ["--slices", "31", "--overwrite"]
+    assert _restore(scan, "--ensemble", ensemble_dir, "-o", out, *args, *FAST) == 0
+    assert (out / "x_anomaly.nii.gz").read_bytes() != first
+
+
+def test_bad_scans_are_reported_and_the_rest_restored(
+    small_scan: Path, ensemble_dir: Path, tmp_path: Path, capsys
+) -> None:
+    good = tmp_path / "good.nii.gz"
+    shutil.copy(small_scan, good)
+    text = tmp_path / "text.nii.gz"
+    text.write_text("hello")
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(small_scan.read_bytes()[:300])
+    missing = tmp_path / "missing.nii.gz"
+    out = tmp_path / "out"
+    rc = _restore(
+        text, good, truncated, missing, "--ensemble", ensemble_dir, "-o", out, "--slices", "30", *FAST
+    )
+    assert rc == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(lines) == 3
+    for path, word in ((text, "not gzip"), (truncated, "truncated"), (missing, "not found")):
+        assert any(str(path) in ln and word in ln for ln in lines), (path, lines)
+    assert (out / "good_anomaly.nii.gz").is_file() and (out / "good_restore.json").is_file()
+    assert not any(p.name.startswith(("text", "cut", "missing")) for p in out.iterdir())
+    # slices without brain, and a missing ensemble, are one-line errors too
+    img = nib.load(small_scan)
+    data = np.asarray(img.dataobj).copy()
+    data[:, :, 0] = data.min()  # LPS: stored z is canonical z
+    empty = tmp_path / "empty0.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), empty)
+    assert _restore(empty, "--ensemble", ensemble_dir, "-o", out / "b", "--slices", "0:1", *FAST) == 2
+    assert "none of the requested slices" in capsys.readouterr().err
+    assert _restore(good, "--ensemble", tmp_path / "nowhere", "-o", out / "c", *FAST) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_parse_slices() -> None:
+    assert parse_slices(None, 10) is None
+    assert parse_slices("2:5", 10) == [2, 3, 4]
+    assert parse_slices("8:, 1", 10) == [8, 9, 1]
+    assert parse_slices(":2,5:7", 10) == [0, 1, 5, 6]
+    for bad in ("a:b", "1-3", ",", "7:3"):
+        with pytest.raises(PseudohealthyError, match="--slices"):
+            parse_slices(bad, 10)
