@@ -288,3 +288,18 @@ def test_ensemble_refuses_empty_and_disagreeing_folders(tmp_path: Path) -> None:
     (tmp_path / "broken" / "b" / INFO_FILE).write_text("{")
     with pytest.raises(CheckpointError, match="invalid JSON"):
         Ensemble.from_dir(tmp_path / "broken")
+
+
+def test_half_precision_weights_load_as_float32(tmp_path: Path) -> None:
+    model = _model()
+    save_checkpoint(model, model.config, META, tmp_path / "full")
+    save_checkpoint(model, model.config, META, tmp_path / "half", weights_dtype=torch.float16)
+    stored = load_file(tmp_path / "half" / WEIGHTS_FILE)
+    assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
+    full = (tmp_path / "full" / WEIGHTS_FILE).stat().st_size
+    assert (tmp_path / "half" / WEIGHTS_FILE).stat().st_size < 0.6 * full
+    loaded, _ = load_checkpoint(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    ref, out = _outputs(model), _outputs(loaded)
+    assert not torch.equal(ref, out)  # really rounded ...
+    assert torch.allclose(ref, out, atol=5e-2 * float(ref.abs().max()))  # ... but close

@@ -92,9 +92,14 @@ def test_members_and_folder_input(small_scan: Path, ensemble_dir: Path, tmp_path
     assert sorted(p.name for p in out.iterdir()) == [
         "a_anomaly.nii.gz",
         "a_anomaly_fold1.nii.gz",
+        "a_preview.png",
         "a_pseudohealthy.nii.gz",
         "a_restore.json",
     ]
+    from PIL import Image
+
+    with Image.open(out / "a_preview.png") as png:  # a real picture, not an empty file
+        assert png.size[0] > 300 and png.size[1] > 200
     record = json.loads((out / "a_restore.json").read_text())
     assert [m["name"] for m in record["ensemble"]["members"]] == ["fold1"]
     assert record["settings"]["seed"] == 3 and record["restored_slices"] == [30, 31]

@@ -63,6 +63,9 @@ def _atomic_write(directory: Path, name: str, write: Any) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; use the usual mode
         os.replace(tmp, directory / name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -93,6 +96,7 @@ def save_checkpoint(
     directory: str | Path,
     *,
     schedule: Schedule | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model.safetensors`` and ``pseudohealthy.json`` into ``directory`` (created).
 
@@ -101,6 +105,8 @@ def save_checkpoint(
     serialisable: normalisation, modality, fold, tasks, validation, training settings...) is
     stored at the top level beside the reserved keys (numpy values are converted, NaN becomes
     null). Each file is written atomically (temporary file in ``directory``, then renamed).
+    ``weights_dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type to
+    halve the file; they are cast back to the model's type on loading.
     """
     directory = Path(directory)
     clash = sorted(set(meta) & set(RESERVED))
@@ -119,6 +125,8 @@ def save_checkpoint(
     }
     text = json.dumps(info, indent=2, allow_nan=False)  # fail (unserialisable meta) before writing
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+    if weights_dtype is not None:
+        state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory, WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
     _atomic_write(directory, INFO_FILE, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))

@@ -12,7 +12,7 @@ from typing import Any
 
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
-OUTPUT_SUFFIXES = ("_pseudohealthy", "_anomaly", "_restore")
+OUTPUT_SUFFIXES = ("_pseudohealthy", "_anomaly", "_restore", "_preview")
 DPM_STEPS = 20
 
 
@@ -59,6 +59,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--t-start",
         type=int,
         help="partial-noising depth (default: 250 for an unconditioned ensemble, pure noise otherwise)",
+    )
+    parser.add_argument(
+        "--lesion-mask", type=Path, help="lesion mask NIfTI, outlined in the preview (one scan only)"
+    )
+    parser.add_argument(
+        "--no-preview", action="store_true", help="do not write <name>_preview.png (top-scoring slices)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.set_defaults(func=run)
@@ -117,13 +123,15 @@ def _same(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
-def _outputs(out_dir: Path, name: str, members: list[str] | None) -> dict[str, Path]:
+def _outputs(out_dir: Path, name: str, members: list[str] | None, preview: bool = False) -> dict[str, Path]:
     outputs = {
         "pseudo_healthy": out_dir / f"{name}_pseudohealthy.nii.gz",
         "anomaly": out_dir / f"{name}_anomaly.nii.gz",
     }
     for member in members or []:
         outputs[f"anomaly_{member}"] = out_dir / f"{name}_anomaly_{member}.nii.gz"
+    if preview:
+        outputs["preview"] = out_dir / f"{name}_preview.png"
     outputs["json"] = out_dir / f"{name}_restore.json"
     return outputs
 
@@ -171,7 +179,10 @@ def restore_scan(
     quiet = bool(getattr(args, "quiet", False))
     if not path.exists():
         raise ScanError(path, "file not found")
-    outputs = _outputs(Path(args.output), scan_name(path), ensemble.names if args.member_maps else None)
+    preview = not getattr(args, "no_preview", False)
+    outputs = _outputs(
+        Path(args.output), scan_name(path), ensemble.names if args.member_maps else None, preview
+    )
     _check_outputs(outputs, inputs, written, args.overwrite)
     volume = load_scan(path)
     brain = load_mask(args.brain_mask, volume) if args.brain_mask else None
@@ -191,6 +202,20 @@ def restore_scan(
     if args.member_maps:
         for m, member in enumerate(result.members):
             save_like(result.member_maps[m], volume, outputs[f"anomaly_{member}"], overwrite=args.overwrite)
+    if preview:
+        from pseudohealthy.preview import pick_slices, save_preview
+
+        lesion = load_mask(args.lesion_mask, volume) if getattr(args, "lesion_mask", None) else None
+        save_preview(
+            outputs["preview"],
+            volume.data,
+            result.pseudo_healthy,
+            result.anomaly,
+            pick_slices(result.slice_scores, 4),
+            lesion=lesion,
+            title=f"{volume.name}: volume score {result.volume_score:.4f}",
+            spacing=volume.spacing[:2],
+        )
     record = {
         "scan": str(path),
         "name": volume.name,
@@ -245,7 +270,11 @@ def run(args: argparse.Namespace) -> int:
     scans = collect_scans(list(args.scans))
     if not scans:
         raise PseudohealthyError("no scans to restore")
+    if getattr(args, "lesion_mask", None) and len(scans) != 1:
+        raise PseudohealthyError("--lesion-mask needs exactly one scan")
     inputs = [*scans, *([args.brain_mask] if args.brain_mask else [])]
+    if getattr(args, "lesion_mask", None):
+        inputs.append(args.lesion_mask)
     written: set[Path] = set()
     failed = 0
     for path in scans:

@@ -1,0 +1,226 @@
+"""`pseudohealthy preprocess`: skull stripping and affine registration of raw scans to MNI152."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pseudohealthy.errors import PseudohealthyError, ScanError
+
+log = logging.getLogger("pseudohealthy.preprocess")
+SUFFIXES = ("_preprocessed.nii.gz", "_brainmask.nii.gz", "_transform.json")
+MASK_SUFFIX = "_mask.nii.gz"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``preprocess`` subcommand."""
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="skull-strip raw scans and register them to the MNI152 template (the model's frame)",
+        description=(
+            "Register each SCAN (NIfTI files, or folders of them) to a T1 template (default: the "
+            "bundled 2 mm MNI152, ICBM 2009a) with an affine transform (SimpleITK, mutual "
+            "information), skull-strip it with the template's brain mask mapped onto the scan, "
+            "and write to OUT_DIR: <name>_preprocessed.nii.gz (the brain, 0 elsewhere, in the "
+            "template frame or with --space native in the scan's own grid), "
+            "<name>_brainmask.nii.gz (same grid) and <name>_transform.json (the 4x4 affine, "
+            "template -> scan world mm, and its inverse). Needs: pip install "
+            "'pseudohealthy[preprocess]'."
+        ),
+    )
+    parser.add_argument("scans", nargs="+", type=Path, metavar="SCAN", help="NIfTI scans or folders of them")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR", help="output folder")
+    parser.add_argument(
+        "--template",
+        type=Path,
+        help="template T1 file or folder (T1 with 't1' in its name plus a '*mask*' file or GM/WM maps; "
+        "default: the bundled 2 mm MNI152)",
+    )
+    parser.add_argument(
+        "--template-mask", type=Path, help="brain mask of --template (default: found beside it)"
+    )
+    parser.add_argument(
+        "--space",
+        choices=("mni", "native"),
+        default="mni",
+        help="mni (default): resampled on the template grid; native: the brain-masked scan in its own grid",
+    )
+    parser.add_argument(
+        "--voxel-size",
+        type=float,
+        metavar="MM",
+        help="with --space mni: the template's box at this voxel size (default: the template's own)",
+    )
+    strip = parser.add_mutually_exclusive_group()
+    strip.add_argument(
+        "--no-skull-strip",
+        action="store_true",
+        help="the scans are already skull-stripped: register the whole image, mask = its foreground",
+    )
+    strip.add_argument(
+        "--brain-mask",
+        nargs="+",
+        type=Path,
+        metavar="FILE",
+        help="brain masks, one per scan in order (skips the atlas skull stripping)",
+    )
+    parser.add_argument(
+        "--masks",
+        nargs="+",
+        type=Path,
+        metavar="MASK",
+        help="other masks to bring along (e.g. lesion masks), one per scan in order: written as "
+        "<name>_mask.nii.gz on the output grid (linear, > 0.4)",
+    )
+    parser.add_argument(
+        "--refine",
+        action="store_true",
+        help="tighten the atlas brain mask on T1 scans (drop dark CSF/bone and bright fat at its rim)",
+    )
+    parser.add_argument(
+        "--transform",
+        choices=("affine", "similarity", "rigid"),
+        default="affine",
+        help="degrees of freedom (default affine: 12; similarity: 7; rigid: 6)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the metric's random sampling (default 0)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _scans(args: argparse.Namespace) -> list[Path]:
+    from pseudohealthy.dataset import collect_scans
+
+    return [scan for scan, _ in collect_scans(args.scans, "none")]
+
+
+def _per_scan(paths: list[Path] | None, scans: list[Path], what: str, option: str) -> list[Path | None]:
+    """One file per scan (or ``None`` for each when the option is not given); checked to exist."""
+    if not paths:
+        return [None] * len(scans)
+    if len(paths) != len(scans):
+        raise PseudohealthyError(
+            f"{len(paths)} {what}(s) for {len(scans)} scan(s): give one per scan ({option})"
+        )
+    for path in paths:
+        if not path.is_file():
+            raise ScanError(path, f"{what} not found")
+    return list(paths)
+
+
+def outputs_for(out_dir: Path, name: str) -> tuple[Path, Path, Path]:
+    """``(<name>_preprocessed.nii.gz, <name>_brainmask.nii.gz, <name>_transform.json)``."""
+    return tuple(out_dir / f"{name}{suffix}" for suffix in SUFFIXES)  # type: ignore[return-value]
+
+
+def _check_outputs(args: argparse.Namespace, scans: list[Path], masks: list[Path | None]) -> None:
+    """Refuse colliding names, outputs onto inputs and (without --overwrite) existing outputs."""
+    from pseudohealthy.io import scan_name
+
+    names = [scan_name(s) for s in scans]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise PseudohealthyError(
+            f"several scans are named {', '.join(dupes)}: their outputs would collide; preprocess them "
+            "into separate folders"
+        )
+    inputs = {p.resolve() for p in scans} | {m.resolve() for m in masks if m is not None}
+    if args.output.exists() and not args.output.is_dir():
+        raise PseudohealthyError(f"{args.output}: exists and is not a folder")
+    for name in names:
+        extra = (args.output / f"{name}{MASK_SUFFIX}",) if args.masks else ()
+        for path in (*outputs_for(args.output, name), *extra):
+            if path.resolve() in inputs:
+                raise ScanError(path, "refusing to overwrite an input; choose another output folder")
+            if path.exists() and not args.overwrite:
+                raise ScanError(path, "already exists (use --overwrite to replace it)")
+
+
+def _strip_label(args: argparse.Namespace, mask_given: bool) -> str:
+    if mask_given:
+        return "brain mask given"
+    if args.no_skull_strip:
+        return "none (already skull-stripped; mask = foreground)"
+    return "atlas mask, refined" if args.refine else "atlas mask"
+
+
+def record_result(
+    result, volume, template, scan_path: Path, args: argparse.Namespace, mask_given: bool
+) -> None:
+    """Add provenance (input, template, output grid, brain volume) to the transform's record."""
+    import numpy as np
+
+    voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    result.transform.info.update(
+        {
+            "scan": str(scan_path),
+            "template": template.source,
+            "space": args.space,
+            "skull_strip": _strip_label(args, mask_given),
+            "output_shape": list(result.like.shape),
+            "output_affine": [[round(float(v), 6) for v in row] for row in result.like.source_affine],
+            "brain_ml": round(float(result.native_mask.sum()) * voxel_ml, 1),
+        }
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Preprocess every scan; returns 0."""
+    from tqdm import tqdm
+
+    from pseudohealthy import registration as reg
+    from pseudohealthy.io import load_mask, load_scan, save_like
+
+    quiet = bool(getattr(args, "quiet", False))
+    if args.voxel_size is not None and args.space != "mni":
+        raise PseudohealthyError("--voxel-size applies to --space mni only")
+    if args.voxel_size is not None and not 0.25 <= args.voxel_size <= 10:
+        raise PseudohealthyError(f"--voxel-size must be 0.25..10 mm, got {args.voxel_size:g}")
+    if args.refine and (args.no_skull_strip or args.brain_mask):
+        raise PseudohealthyError("--refine tightens the atlas brain mask; it does not apply with this option")
+    scans = _scans(args)
+    masks = _per_scan(args.brain_mask, scans, "brain mask", "--brain-mask")
+    others = _per_scan(args.masks, scans, "mask", "--masks")
+    _check_outputs(args, scans, [*masks, *others])
+    reg.backend()  # a missing SimpleITK is reported before any work
+    template = reg.load_template(args.template, args.template_mask)
+    settings = reg.RegistrationSettings(dof=args.transform, seed=args.seed)
+    args.output.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(list(zip(scans, masks, others, strict=True)), desc="preprocess", unit="scan", disable=quiet)
+    for scan_path, mask_path, other_path in bar:
+        volume = load_scan(scan_path)
+        bar.set_postfix_str(volume.name)
+        brain = load_mask(mask_path, volume) if mask_path is not None else None
+        result = reg.preprocess_scan(
+            volume,
+            template,
+            space=args.space,
+            skull_strip=not args.no_skull_strip,
+            brain_mask=brain,
+            refine=args.refine,
+            voxel_size=args.voxel_size,
+            settings=settings,
+        )
+        image_path, mask_out, transform_path = outputs_for(args.output, volume.name)
+        save_like(result.image, result.like, image_path, overwrite=args.overwrite)
+        save_like(result.mask, result.like, mask_out, dtype="uint8", overwrite=args.overwrite)
+        if other_path is not None:
+            other = reg.carry_mask(load_mask(other_path, volume), volume, result)
+            other_out = args.output / f"{volume.name}{MASK_SUFFIX}"
+            save_like(other, result.like, other_out, dtype="uint8", overwrite=args.overwrite)
+            result.transform.info["mask"] = {"source": str(other_path), "output": other_out.name}
+        record_result(result, volume, template, scan_path, args, brain is not None)
+        result.transform.save(transform_path, overwrite=args.overwrite)
+        if not quiet:
+            s = result.transform.summary()
+            tqdm.write(
+                f"{volume.name}: scales {s['scales']}, rotation {s['rotation_deg']} deg, "
+                f"{result.transform.info.get('seconds', 0):.1f} s -> {image_path}"
+            )
+    if not quiet:
+        print(f"{len(scans)} scan(s) preprocessed ({args.space} space) -> {args.output}")
+    return 0
