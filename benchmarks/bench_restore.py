@@ -1,12 +1,25 @@
-"""Speed of the restoration engine against a naive loop, on slices of the bundled sample scan.
+"""Speed of the restoration engine against the naive reference loop, on slices of the sample scan.
 
-Run: ``.venv/bin/python benchmarks/bench_restore.py [--quick] [--preset cpu] [--device cpu]``.
-An ensemble of randomly initialised members of a preset is written to a temporary folder (speed
-does not depend on the weights). The engine (:func:`pseudohealthy.restore.restore_volume`:
-slices batched, members in lockstep, autocast on CUDA) is timed against a naive loop (one
-member at a time, one slice at a time, float32) that uses the same per-slice noise, so both
-give the same maps (the largest difference is printed). Prints seconds per slice, seconds per
-volume (extrapolated to all foreground slices of the scan) and the naive/engine ratio.
+Run: ``.venv/bin/python benchmarks/bench_restore.py [--quick] [--presets paper,cpu] [--json out.json]``.
+For each preset an ensemble of randomly initialised members is written to a temporary folder
+(speed does not depend on the weights) and, on the same slices of the bundled sample scan, the
+engine (:func:`pseudohealthy.restore.restore_volume`: slices batched, members in lockstep,
+autocast on CUDA) is timed against :func:`pseudohealthy.reference.naive_maps` (one member and
+one slice at a time, float32), which draws the same noise, so both give the same maps (the
+largest difference is printed; with autocast on CUDA it is the mixed-precision error).
+
+Figures: slices/s, s/volume (extrapolated to the sample scan's foreground slice count at the
+measured members and steps; also in process CPU seconds, robust on a busy machine), s per UNet
+pass (slice x member x step: scale it to other ensembles and step counts), the naive/engine
+speed-up (per slice), the latency of one slice restored alone (the slice on screen), peak host
+memory (peak RSS of each phase) and, on CUDA, peak GPU
+memory and the achieved TFLOP/s against the device's dense bf16 peak (UNet FLOPs counted with
+``torch.utils.flop_counter.FlopCounterMode`` on one forward pass).
+Defaults: presets ``paper,cpu`` (``paper:10,cpu:3`` sets members per preset; else ``--members``,
+10), DDPM 50 steps, 8 slices on the CPU and 64 on CUDA, where the naive loop does only 4 (its
+cost is linear in the slices). ``--quick``: CPU-friendly (tiny and cpu presets, 2 members, 4
+slices, ddim 4 steps). The paper preset on a CPU: e.g. ``--presets paper --members 1 --slices 1
+--steps 2``.
 One CPU thread by default: on a small shared machine, multi-threaded small convolutions stall
 on descheduled threads and the timings become noise.
 """
@@ -15,13 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+# dense bf16 tensor-core peak, TFLOP/s, by a fragment of torch.cuda.get_device_name() (first match)
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
 
 
 def build_ensemble(folder: Path, preset: str, n_members: int):
@@ -39,59 +58,87 @@ def build_ensemble(folder: Path, preset: str, n_members: int):
     return checkpoint.Ensemble.from_dir(folder)
 
 
-def naive_restore(prepared, ensemble, settings, slices: list[int], device) -> dict[int, np.ndarray]:
-    """The reference way: every member, every slice, one at a time in float32; ensemble maps."""
-    from pseudohealthy.batching import noise_draws, run_timesteps, slice_seed
-    from pseudohealthy.diffusion import denoise_steps, from_model_range, slice_noise, to_model_range
-    from pseudohealthy.maps import anomaly_map, ensemble_map
-
-    schedule = ensemble.schedule
-    n_draws = noise_draws(settings.sampler, len(run_timesteps(settings, schedule, None)))
-    position = {int(k): j for j, k in enumerate(prepared.indices)}
-    size = prepared.geometry.size
-    maps: dict[int, list[np.ndarray]] = {k: [] for k in slices}
-    for member in ensemble.members:
-        net = member.model(device)
-        for k in slices:
-            j = position[k]
-            cond = to_model_range(torch.from_numpy(prepared.images[j][None, None]).to(device))
-            noise = slice_noise([slice_seed(settings.seed, k, member.name)], n_draws, (1, size, size), device)
-            *_, (_, _, x) = denoise_steps(
-                net, cond, schedule, sampler=settings.sampler, steps=settings.steps, noise=noise
-            )
-            rest = from_model_range(x)[0, 0].cpu().numpy()
-            maps[k].append(anomaly_map(rest, prepared.images[j], prepared.masks[j]))
-    return {k: ensemble_map(np.stack(v), prepared.masks[position[k]]) for k, v in maps.items()}
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak from :data:`PEAK_TFLOPS`; None when unknown (or a CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny preset, 4 slices, 2 members")
-    parser.add_argument("--preset", help="model preset (default: cpu; tiny with --quick)")
-    parser.add_argument("--members", type=int, help="ensemble size (default 3; 2 with --quick)")
-    parser.add_argument("--slices", type=int, help="slices restored (default 8; 4 with --quick)")
-    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm"))
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, help="engine slices per batch (default: the engine's)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+def unet_flops(preset: str) -> int:
+    """FLOPs of one forward pass of ``preset`` for one slice (a multiply-add counts 2).
 
-    from pseudohealthy.device import resolve_device
-    from pseudohealthy.io import load_scan
+    Counted on the meta device (no computation), so the figure is the same on every device.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from pseudohealthy import model
+
+    def sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    # the CPU's fused attention kernel has no formula of its own: count it as the CUDA ones
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    custom = {cpu_sdpa: sdpa} if cpu_sdpa is not None else {}
+    cfg = model.get_preset(preset)
+    net, size, device = model.build_model(cfg).eval().to("meta"), cfg.image_size, torch.device("meta")
+    x = torch.zeros(1, 1, size, size, device=device)
+    t = torch.full((1,), 500, dtype=torch.long, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        net(x, t, x if cfg.conditioned else None)
+    return int(counter.get_total_flops())
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (``VmHWM``; else ``ru_maxrss``, lifetime peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float, float, float | None]:
+    """``(result, wall s, process CPU s, peak host MiB, peak GPU MiB or None)`` of ``fn()``.
+
+    Process CPU seconds stay meaningful on a busy machine, where wall time counts waiting too.
+    """
+    _reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    gpu = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        gpu = torch.cuda.max_memory_allocated(device) / 2**20
+    return out, time.perf_counter() - t0, time.process_time() - c0, _peak_rss_mb(), gpu
+
+
+def bench_preset(
+    preset: str, n_members: int, args: argparse.Namespace, volume, device: torch.device
+) -> dict[str, Any]:
+    """Engine vs naive loop for one preset on the central foreground slices of ``volume``.
+
+    The naive loop restores the first ``args.naive_slices`` of them (its cost is linear in the
+    slices); one more engine run restores one slice alone (the latency of the slice on screen).
+    """
+    from pseudohealthy.reference import naive_maps
     from pseudohealthy.restore import RestoreSettings, prepare_for, restore_volume
-    from pseudohealthy.sample import sample_scan_path
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = args.preset or ("tiny" if args.quick else "cpu")
-    n_members = args.members or (2 if args.quick else 3)
-    n_slices = args.slices or (4 if args.quick else 8)
-    device = resolve_device(args.device)
-    volume = load_scan(sample_scan_path())
 
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = build_ensemble(Path(tmp), preset, n_members)
@@ -101,24 +148,23 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare_for(volume, ensemble, settings)
         fg = [int(k) for k in prepared.indices]
         mid = len(fg) // 2
-        slices = fg[max(0, mid - n_slices // 2) :][:n_slices]
-        warm = RestoreSettings(sampler="ddim", steps=2, device=str(device))
+        slices = fg[max(0, mid - args.slices // 2) :][: args.slices]
+        warm = RestoreSettings(sampler="ddim", steps=1, device=str(device))
         restore_volume(volume, ensemble, warm, slices=slices[:1])  # load weights, warm kernels
+        flops = unet_flops(preset)
+        n_params = sum(p.numel() for p in ensemble.members[0].model(device).parameters())
 
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        result = restore_volume(volume, ensemble, settings, slices=slices)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        engine_s = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        naive = naive_restore(prepared, ensemble, settings, slices, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        naive_s = time.perf_counter() - t0
-
+        result, engine_s, engine_cpu, engine_rss, engine_gpu = _measure(
+            lambda: restore_volume(volume, ensemble, settings, slices=slices), device
+        )
+        _, one_s, *_ = _measure(lambda: restore_volume(volume, ensemble, settings, slices=slices[:1]), device)
+        naive_slices = slices[: args.naive_slices or len(slices)]
+        naive, naive_s, naive_cpu, naive_rss, naive_gpu = _measure(
+            lambda: naive_maps(
+                prepare_for(volume, ensemble, settings), ensemble, settings, naive_slices, device
+            ),
+            device,
+        )
         geo = prepared.geometry
         diff = max(
             float(
@@ -126,37 +172,140 @@ def main(argv: list[str] | None = None) -> int:
                     prepared.foreground[:, :, k]
                 ].max()
             )
-            for k in slices
+            for k in naive_slices
         )
+        ensemble.release()
 
-    per_slice_engine, per_slice_naive = engine_s / len(slices), naive_s / len(slices)
-    figures = {
+    per_slice = n_members * result.settings["n_steps"]  # UNet passes
+    peak = device_peak_tflops(device)
+    fig: dict[str, Any] = {
         "preset": preset,
+        "image_size": ensemble.image_size,
+        "parameters": n_params,
         "members": n_members,
         "slices": len(slices),
+        "naive_slices": len(naive_slices),
         "sampler": args.sampler,
         "steps": args.steps,
-        "device": str(device),
         "autocast": result.settings["autocast"],
-        "threads": torch.get_num_threads(),
         "foreground_slices_in_volume": len(fg),
-        "engine_s_per_slice": per_slice_engine,
-        "naive_s_per_slice": per_slice_naive,
-        "engine_s_per_volume": per_slice_engine * len(fg),
-        "naive_s_per_volume": per_slice_naive * len(fg),
-        "speedup": per_slice_naive / per_slice_engine,
+        "unet_gflop_per_pass": flops / 1e9,
+        "device_peak_tflops": peak,
         "max_abs_map_difference": diff,
+        "engine_one_slice_s": one_s,
     }
+    for name, n, secs, cpu, rss, gpu in (
+        ("engine", len(slices), engine_s, engine_cpu, engine_rss, engine_gpu),
+        ("naive", len(naive_slices), naive_s, naive_cpu, naive_rss, naive_gpu),
+    ):
+        passes = n * per_slice
+        tflops = flops * passes / secs / 1e12
+        fig[name] = {
+            "seconds": secs,
+            "slices_per_s": n / secs,
+            "s_per_volume": secs / n * len(fg),
+            "cpu_seconds": cpu,
+            "cpu_s_per_volume": cpu / n * len(fg),
+            "s_per_unet_pass": secs / passes,
+            "peak_host_mib": rss,
+            "peak_gpu_mib": gpu,
+            "tflops": tflops,
+            "fraction_of_peak": None if peak is None else tflops / peak,
+        }
+    fig["speedup"] = fig["naive"]["s_per_volume"] / fig["engine"]["s_per_volume"]
+    fig["speedup_cpu_time"] = fig["naive"]["cpu_s_per_volume"] / fig["engine"]["cpu_s_per_volume"]
+    return fig
+
+
+def _print(fig: dict[str, Any]) -> None:
     print(
-        f"{preset} preset, {n_members} members, {len(slices)} slices, {args.sampler} {args.steps} steps, "
-        f"{device} ({figures['autocast']}), {figures['threads']} threads"
+        f"\n{fig['preset']} preset ({fig['image_size']} px, {fig['parameters'] / 1e6:.2f}M parameters, "
+        f"{fig['unet_gflop_per_pass']:.2f} GFLOP/pass), {fig['members']} members, {fig['slices']} slices "
+        f"({fig['naive_slices']} naive), "
+        f"{fig['sampler']} {fig['steps']} steps, autocast {fig['autocast']}"
     )
-    print(f"{'':8s} {'s/slice':>9s} {'s/volume':>10s}   (volume = {len(fg)} foreground slices)")
+    print(
+        f"{'':7s} {'slices/s':>9s} {'s/volume':>9s} {'CPU s/vol':>9s} {'ms/pass':>8s} {'host MiB':>9s} "
+        f"{'GPU MiB':>8s} {'TFLOP/s':>8s} {'of peak':>8s}"
+    )
     for name in ("engine", "naive"):
-        print(f"{name:8s} {figures[f'{name}_s_per_slice']:9.3f} {figures[f'{name}_s_per_volume']:10.1f}")
-    print(f"speed-up (naive / engine): {figures['speedup']:.2f}x; largest map difference {diff:.2e}")
+        r = fig[name]
+        gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
+        frac = "unknown" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.1f}%"
+        print(
+            f"{name:7s} {r['slices_per_s']:9.3f} {r['s_per_volume']:9.1f} {r['cpu_s_per_volume']:9.1f} "
+            f"{1e3 * r['s_per_unet_pass']:8.2f} "
+            f"{r['peak_host_mib']:9.0f} {gpu:>8s} {r['tflops']:8.4f} {frac:>8s}"
+        )
+    print(
+        f"speed-up (naive / engine): {fig['speedup']:.2f}x wall, {fig['speedup_cpu_time']:.2f}x CPU time; "
+        "largest map difference "
+        f"{fig['max_abs_map_difference']:.2e}; volume = {fig['foreground_slices_in_volume']} slices"
+    )
+    print(f"one slice alone (engine): {fig['engine_one_slice_s']:.2f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="CPU-friendly: tiny,cpu presets, 2 members, 4 slices"
+    )
+    parser.add_argument(
+        "--presets",
+        help="comma-separated presets, each optionally :members (e.g. paper:10,cpu:3; default paper,cpu; "
+        "tiny,cpu with --quick)",
+    )
+    parser.add_argument("--preset", help=argparse.SUPPRESS)  # old single-preset spelling
+    parser.add_argument("--members", type=int, help="ensemble size (default 10; 2 with --quick)")
+    parser.add_argument(
+        "--naive-slices", type=int, help="slices for the naive loop (default: all on the CPU, 4 on CUDA)"
+    )
+    parser.add_argument(
+        "--slices", type=int, help="slices restored (default 8 on the CPU, 64 on CUDA; 4 with --quick)"
+    )
+    parser.add_argument(
+        "--sampler", default=None, choices=("ddpm", "ddim", "dpm"), help="default ddpm (ddim --quick)"
+    )
+    parser.add_argument("--steps", type=int, help="sampler steps (default 50; 4 with --quick)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, help="engine slices per batch (default: the engine's)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file ('-': stdout)")
+    args = parser.parse_args(argv)
+
+    from pseudohealthy.device import resolve_device
+    from pseudohealthy.io import load_scan
+    from pseudohealthy.sample import sample_scan_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = (args.presets or args.preset or ("tiny,cpu" if args.quick else "paper,cpu")).split(",")
+    args.members = args.members or (2 if args.quick else 10)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.slices = args.slices or (4 if args.quick else 64 if cuda else 8)
+    args.naive_slices = args.naive_slices or (4 if cuda else None)
+    args.sampler = args.sampler or ("ddim" if args.quick else "ddpm")
+    args.steps = args.steps or (4 if args.quick else 50)
+    volume = load_scan(sample_scan_path())
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"device {device} ({name}), torch {torch.__version__}")
+
+    figures = {"device": str(device), "device_name": name, "torch": torch.__version__, "presets": []}
+    for preset in presets:
+        preset_name, _, members = preset.strip().partition(":")
+        fig = bench_preset(preset_name, int(members or args.members), args, volume, device)
+        figures["presets"].append(fig)
+        _print(fig)
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        text = json.dumps(figures, indent=2) + "\n"
+        sys.stdout.write(text) if str(args.json) == "-" else args.json.write_text(text)
     return 0
 
 

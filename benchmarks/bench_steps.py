@@ -1,0 +1,327 @@
+"""Quality versus sampler steps: AP_p and best Dice of DDIM and DPM-Solver++ against 50-step DDPM.
+
+Run: ``.venv/bin/python benchmarks/bench_steps.py [--ensemble DIR] [--slices 8] [--out DIR]``;
+``--tiny`` is a smoke test (tiny random members made on the fly, 2 slices, steps 2 and 5).
+
+Two sources, the same for every (sampler, steps):
+
+- synthetic: lesion-free foreground slices of a scan (``--healthy``; default the real scan's
+  lesion-free slices, few for the sample scan: its tumour spans most slices) in the model
+  frame, each corrupted (always, ``p_none = 0``) with the members' validation tasks (the union
+  over members; all five when the members record none), as training validation does; metrics
+  pooled over the model-frame pixels against the anomaly masks;
+- real: the scan's slices, half with lesion and half without, restored by the engine and
+  scored with :func:`pseudohealthy.evaluate.evaluate_maps` (128 px benchmark frame), beside
+  the intensity baseline.
+
+Writes ``steps.png``, ``steps.md`` and ``steps.json`` to ``--out`` and prints the cheapest
+(sampler, steps) whose AP_p stays within 0.01 of the reference on both sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TOLERANCE = 0.01  # AP_p loss allowed against the reference
+
+
+def _tiny_ensemble(folder: Path, n_members: int = 2) -> Path:
+    """Tiny random members (folds 0.. with their validation tasks) in ``folder``."""
+    from pseudohealthy import checkpoint, model
+
+    cfg = model.get_preset("tiny")
+    for m in range(n_members):
+        torch.manual_seed(m)
+        net = model.build_model(cfg)
+        with torch.no_grad():  # a non-zero output head, so the sampler does real work
+            for p in net.unet.out.parameters():
+                p.normal_(0, 0.05)
+        checkpoint.save_checkpoint(net, cfg, {"fold": m}, folder / f"fold{m}")
+    return folder
+
+
+def validation_tasks(ensemble) -> tuple[int, ...]:
+    """The union of the members' validation tasks (all five when none is recorded)."""
+    from pseudohealthy.anomalies import TASKS, fold_tasks, task_indices
+
+    tasks: set[int] = set()
+    for member in ensemble.members:
+        info = member.describe()
+        if info.get("val_tasks"):
+            tasks.update(task_indices(info["val_tasks"]))
+        elif isinstance(info.get("fold"), int):
+            tasks.update(fold_tasks(info["fold"])[1])
+    return tuple(sorted(tasks)) or tuple(range(len(TASKS)))
+
+
+def _spread(values: np.ndarray, n: int) -> np.ndarray:
+    """At most ``n`` evenly spaced entries of ``values`` (centred: ``n = 1`` gives the middle one)."""
+    if values.size <= n:
+        return values
+    return values[np.unique(((np.arange(n) + 0.5) * values.size / n).astype(int))]
+
+
+def synthetic_set(prepared, lesion: np.ndarray, tasks: tuple[int, ...], n: int, seed: int = 0) -> dict:
+    """``n`` lesion-free model-frame slices corrupted with ``tasks``: images, masks, foregrounds."""
+    from pseudohealthy.anomalies import Corruptor, keyed_rng
+
+    free = np.array([j for j, k in enumerate(prepared.indices) if not lesion[:, :, k].any()])
+    if free.size == 0:
+        raise SystemExit("the scan has no lesion-free foreground slice for the synthetic set")
+    picked = _spread(free, n)
+    corruptor = Corruptor(tasks, p_none=0.0, size=prepared.geometry.size)
+    images, masks = [], []
+    for j in picked:
+        pool = [prepared.images[i] for i in free if i != j] or [prepared.images[j]]
+        img, mask, _ = corruptor(
+            prepared.images[j], prepared.masks[j], keyed_rng(seed, 1, int(j)), intra_sources=pool
+        )
+        images.append(img)
+        masks.append(mask)
+    return {
+        "images": np.stack(images),
+        "labels": np.stack(masks),
+        "fg": prepared.masks[picked],
+        "rows": picked,
+    }
+
+
+def restore_frames(
+    images: np.ndarray, fg: np.ndarray, ensemble, settings, device: torch.device
+) -> np.ndarray:
+    """Ensemble 1 - SSIM maps of model-frame images ``(N, S, S)`` with the engine's batched loop."""
+    from pseudohealthy.batching import (
+        DEFAULT_T_START,
+        _batch_noise,
+        _denoise_batch,
+        noise_draws,
+        run_timesteps,
+    )
+    from pseudohealthy.diffusion import from_model_range, to_model_range
+    from pseudohealthy.maps import anomaly_map, ensemble_map
+
+    t_start = settings.t_start if settings.t_start is not None or ensemble.conditioned else DEFAULT_T_START
+    n_draws = noise_draws(settings.sampler, len(run_timesteps(settings, ensemble.schedule, t_start)))
+    models = [m.model(device) for m in ensemble.members]
+    size, out, batch = images.shape[-1], [], 8
+    for b in range(0, len(images), batch):
+        rows = list(range(b, min(b + batch, len(images))))
+        noise, _ = _batch_noise(ensemble.names, rows, settings.seed, n_draws, (1, size, size), device)
+        cond = to_model_range(torch.from_numpy(images[rows][:, None]).to(device))
+        steps = _denoise_batch(
+            models, cond, noise, settings, schedule=ensemble.schedule,
+            conditioned=ensemble.conditioned, t_start=t_start, device=device,
+        )  # fmt: skip
+        xs = deque(steps, maxlen=1)[0][2]  # the last step's restorations, one per member
+        rest = [from_model_range(x.float())[:, 0].cpu().numpy() for x in xs]
+        member_maps = [anomaly_map(r, images[rows], fg[rows], faithful=settings.faithful_ssim) for r in rest]
+        out.append(ensemble_map(np.stack(member_maps), fg[rows]))
+    return np.concatenate(out)
+
+
+def _pixel_metrics(maps: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from pseudohealthy.maps import slice_scores
+    from pseudohealthy.metrics import benchmark_metrics
+
+    m = benchmark_metrics(slice_scores(maps), labels.any(axis=(1, 2)), maps, labels, allow_undefined=True)
+    return {"ap_pixel": m["ap_pixel"], "best_dice": m["best_dice"]}
+
+
+def evaluate_config(sampler: str, steps: int, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of one (sampler, steps) on both sources, with seconds and UNet passes per slice."""
+    from pseudohealthy.evaluate import EvalEntry, evaluate_maps
+    from pseudohealthy.restore import RestoreSettings, restore_volume
+
+    settings = RestoreSettings(sampler=sampler, steps=steps, seed=ctx["seed"], device=str(ctx["device"]))
+    t0 = time.perf_counter()
+    syn = ctx["synthetic"]
+    syn_maps = restore_frames(syn["images"], syn["fg"], ctx["ensemble"], settings, ctx["device"])
+    result = restore_volume(ctx["volume"], ctx["ensemble"], settings, slices=ctx["real_slices"])
+    seconds = time.perf_counter() - t0
+    entry = EvalEntry(
+        "real",
+        result.anomaly,
+        ctx["lesion"],
+        ctx["prepared"].foreground,
+        ctx["volume"].data,
+        ctx["real_slices"],
+    )
+    real = evaluate_maps([entry])
+    n_slices = len(syn["images"]) + len(ctx["real_slices"])
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "unet_passes_per_slice": result.settings["n_steps"] * len(ctx["ensemble"].members),
+        "s_per_slice": seconds / n_slices,
+        "synthetic": _pixel_metrics(syn_maps, syn["labels"]),
+        "real": {"ap_pixel": real["ap_pixel"], "best_dice": real["best_dice"]},
+        "real_intensity_baseline": {k: real["intensity_baseline"][k] for k in ("ap_pixel", "best_dice")},
+    }
+
+
+def cheapest(rows: list[dict[str, Any]], reference: dict[str, Any]) -> dict[str, Any] | None:
+    """The row with the fewest UNet passes (then seconds) within TOLERANCE AP_p on both sources."""
+    ok = [
+        r
+        for r in rows
+        if all(r[s]["ap_pixel"] >= reference[s]["ap_pixel"] - TOLERANCE for s in ("synthetic", "real"))
+    ]
+    return min(ok, key=lambda r: (r["unet_passes_per_slice"], r["s_per_slice"])) if ok else None
+
+
+def table(rows: list[dict[str, Any]], reference: dict[str, Any]) -> str:
+    """Markdown table: reference row first, then every (sampler, steps)."""
+    lines = [
+        "| sampler | steps | UNet passes/slice | s/slice | synthetic AP_p | synthetic best Dice "
+        "| real AP_p | real best Dice |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [reference, *rows]:
+        name = f"{r['sampler']} (reference)" if r is reference else r["sampler"]
+        lines.append(
+            f"| {name} | {r['steps']} | {r['unet_passes_per_slice']} | {r['s_per_slice']:.3f} "
+            f"| {r['synthetic']['ap_pixel']:.4f} | {r['synthetic']['best_dice']:.4f} "
+            f"| {r['real']['ap_pixel']:.4f} | {r['real']['best_dice']:.4f} |"
+        )
+    base = reference["real_intensity_baseline"]
+    lines.append(
+        f"\nIntensity baseline on the real slices: AP_p {base['ap_pixel']:.4f}, "
+        f"best Dice {base['best_dice']:.4f}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path) -> None:
+    """AP_p and best Dice against steps, one panel per source; the reference as a dashed line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, source in zip(axes, ("synthetic", "real"), strict=True):
+        for sampler, marker in (("ddim", "o"), ("dpm", "s")):
+            rs = [r for r in rows if r["sampler"] == sampler]
+            steps = [r["steps"] for r in rs]
+            for metric, style in (("ap_pixel", "-"), ("best_dice", ":")):
+                ax.plot(
+                    steps, [r[source][metric] for r in rs], style, marker=marker, label=f"{sampler} {metric}"
+                )
+        for metric, color in (("ap_pixel", "k"), ("best_dice", "grey")):
+            ax.axhline(
+                reference[source][metric], ls="--", color=color, label=f"ddpm {reference['steps']} {metric}"
+            )
+        ax.set(xscale="log", xlabel="sampler steps", ylabel="score", title=source)
+        ax.minorticks_off()
+        ax.set_xticks(
+            sorted({r["steps"] for r in rows}), [str(v) for v in sorted({r["steps"] for r in rows})]
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ensemble", type=Path, help="ensemble folder (default: the bundled demo ensemble)")
+    parser.add_argument("--scan", type=Path, help="real scan (default: the bundled sample scan)")
+    parser.add_argument("--lesion", type=Path, help="its lesion mask (default: the sample scan's)")
+    parser.add_argument(
+        "--healthy",
+        type=Path,
+        help="healthy scan for the synthetic set (default: the real scan's lesion-free slices)",
+    )
+    parser.add_argument("--slices", type=int, help="slices per source (default 8; 2 with --tiny)")
+    parser.add_argument("--steps-list", help="comma-separated steps (default 5,10,20,50; 2,5 with --tiny)")
+    parser.add_argument("--ref-steps", type=int, help="DDPM reference steps (default 50; 5 with --tiny)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="smoke test: tiny random members made on the fly")
+    parser.add_argument("--out", type=Path, default=Path("bench_steps_out"), help="output folder")
+    args = parser.parse_args(argv)
+
+    from pseudohealthy.checkpoint import Ensemble
+    from pseudohealthy.device import resolve_device
+    from pseudohealthy.io import load_mask, load_scan
+    from pseudohealthy.restore import prepare_for
+    from pseudohealthy.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.slices or (2 if args.tiny else 8)
+    steps_list = [int(s) for s in (args.steps_list or ("2,5" if args.tiny else "5,10,20,50")).split(",")]
+    ref_steps = args.ref_steps or (5 if args.tiny else 50)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _tiny_ensemble(Path(tmp)) if args.tiny else (args.ensemble or demo_ensemble_path())
+        if folder is None:
+            parser.error("no --ensemble given and no bundled demo ensemble")
+        ensemble = Ensemble.from_dir(folder)
+        device = resolve_device(args.device)
+        volume = load_scan(args.scan or sample_scan_path())
+        lesion = load_mask(args.lesion or sample_mask_path(), volume).astype(bool)
+        prepared = prepare_for(volume, ensemble)
+        with_lesion = np.array([k for k in prepared.indices if lesion[:, :, k].any()])
+        without = np.array([k for k in prepared.indices if not lesion[:, :, k].any()])
+        real_slices = np.sort(np.concatenate([_spread(with_lesion, (n + 1) // 2), _spread(without, n // 2)]))
+        tasks = validation_tasks(ensemble)
+        healthy = (prepared, lesion)
+        if args.healthy:
+            clean = load_scan(args.healthy)
+            healthy = (prepare_for(clean, ensemble), np.zeros(clean.data.shape, dtype=bool))
+        ctx = {
+            "ensemble": ensemble,
+            "device": device,
+            "seed": args.seed,
+            "volume": volume,
+            "lesion": lesion,
+            "prepared": prepared,
+            "real_slices": real_slices.astype(int),
+            "synthetic": synthetic_set(*healthy, tasks, n, args.seed),
+        }
+        print(f"{len(ensemble.members)} members from {folder}, {device}; validation tasks {tasks}")
+        reference = evaluate_config("ddpm", ref_steps, ctx)
+        rows = []
+        for sampler in ("ddim", "dpm"):
+            for steps in steps_list:
+                rows.append(evaluate_config(sampler, steps, ctx))
+                syn, real = rows[-1]["synthetic"]["ap_pixel"], rows[-1]["real"]["ap_pixel"]
+                print(f"{sampler} {steps}: AP_p synthetic {syn:.4f}, real {real:.4f}")
+        ensemble.release()
+
+    best = cheapest(rows, reference)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = table(rows, reference)
+    verdict = f"cheapest within {TOLERANCE} AP_p of {ref_steps}-step DDPM on both sources: " + (
+        f"{best['sampler']} {best['steps']} steps" if best else "none"
+    )
+    (args.out / "steps.md").write_text(text + "\n" + verdict + "\n")
+    summary = {
+        "ensemble": str(folder),
+        "validation_tasks": list(tasks),
+        "slices_per_source": n,
+        "real_slices": ctx["real_slices"].tolist(),
+        "reference": reference,
+        "rows": rows,
+        "tolerance": TOLERANCE,
+        "cheapest": None if best is None else {"sampler": best["sampler"], "steps": best["steps"]},
+    }
+    (args.out / "steps.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(rows, reference, args.out / "steps.png")
+    print(text)
+    print(verdict)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The naive reference loop: every member, every slice, one at a time, in float32.
+
+The pattern of the reference release (no batching, no autocast), kept as the yardstick of the
+engine (:mod:`pseudohealthy.restore`): it draws the same per-slice noise
+(:func:`~pseudohealthy.batching.slice_seed`), so for the same settings it must give the same maps
+(``tests/test_restore_equivalence.py``) and ``benchmarks/bench_restore.py`` times both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pseudohealthy.batching import DEFAULT_T_START, noise_draws, run_timesteps, slice_seed
+from pseudohealthy.checkpoint import Ensemble
+from pseudohealthy.diffusion import denoise_steps, from_model_range, slice_noise, to_model_range
+from pseudohealthy.maps import anomaly_map, ensemble_map
+from pseudohealthy.preprocess import PreparedScan
+from pseudohealthy.restore import RestoreSettings
+
+__all__ = ["naive_maps"]
+
+
+def naive_maps(
+    prepared: PreparedScan,
+    ensemble: Ensemble,
+    settings: RestoreSettings,
+    slices: Sequence[int],
+    device: torch.device | str = "cpu",
+) -> dict[int, np.ndarray]:
+    """Ensemble 1 - SSIM maps in the model frame ``(S, S)`` of canonical axial ``slices``.
+
+    Uses ``settings.sampler``, ``steps``, ``seed``, ``t_start`` and ``faithful_ssim``; ignores
+    batch size and precision (always float32, batch 1).
+    """
+    device = torch.device(device)
+    schedule = ensemble.schedule
+    t_start = settings.t_start
+    if t_start is None and not ensemble.conditioned:
+        t_start = DEFAULT_T_START
+    n_draws = noise_draws(settings.sampler, len(run_timesteps(settings, schedule, t_start)))
+    position = {int(k): j for j, k in enumerate(prepared.indices)}
+    size = prepared.geometry.size
+    maps: dict[int, list[np.ndarray]] = {int(k): [] for k in slices}
+    for member in ensemble.members:
+        net = member.model(device).float()
+        for k in maps:
+            j = position[k]
+            image = to_model_range(torch.from_numpy(prepared.images[j][None, None]).to(device))
+            noise = slice_noise([slice_seed(settings.seed, k, member.name)], n_draws, (1, size, size), device)
+            *_, (_, _, x) = denoise_steps(
+                net,
+                image if ensemble.conditioned else None,
+                schedule,
+                sampler=settings.sampler,
+                steps=settings.steps,
+                noise=noise,
+                t_start=t_start,
+                x_start=image if t_start is not None else None,
+            )
+            rest = from_model_range(x)[0, 0].cpu().numpy()
+            maps[k].append(
+                anomaly_map(rest, prepared.images[j], prepared.masks[j], faithful=settings.faithful_ssim)
+            )
+    return {k: ensemble_map(np.stack(v), prepared.masks[position[k]]) for k, v in maps.items()}
