@@ -21,11 +21,13 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 echo "== installing Python packages into .venv"
-.venv/bin/python -m pip install -q --upgrade pip
+# pip, without the notices some machines' pip configuration prints for absent local indexes
+pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2); }
+pip_install --upgrade pip
 # The CPU wheel of torch 2.13.0 first: with torch already present, nothing pulls a CUDA build.
 # On a machine with a GPU, install the CUDA build of your choice before running this script.
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-    .venv/bin/python -m pip install -q "torch==2.13.0"
+    pip_install "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[all]"
+pip_install -e ".[all]"
 echo "== environment ready: $(.venv/bin/python -c 'import torch, pseudohealthy; print("pseudohealthy", pseudohealthy.__version__, "torch", torch.__version__)')"
