@@ -44,18 +44,11 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200",
 
 
 def build_ensemble(folder: Path, preset: str, n_members: int):
-    """``n_members`` randomly initialised checkpoints of ``preset`` in ``folder``."""
-    from pseudohealthy import checkpoint, model
+    """``n_members`` randomly initialised checkpoints of ``preset`` in ``folder``, loaded."""
+    from pseudohealthy.checkpoint import Ensemble
+    from pseudohealthy.reference import random_ensemble
 
-    cfg = model.get_preset(preset)
-    for m in range(n_members):
-        torch.manual_seed(m)
-        net = model.build_model(cfg)
-        with torch.no_grad():  # a non-zero output head, so the sampler does real work
-            for p in net.unet.out.parameters():
-                p.normal_(0, 0.05)
-        checkpoint.save_checkpoint(net, cfg, {"fold": m}, folder / f"fold{m}")
-    return checkpoint.Ensemble.from_dir(folder)
+    return Ensemble.from_dir(random_ensemble(folder, preset, n_members))
 
 
 def device_peak_tflops(device: torch.device) -> float | None:

@@ -37,17 +37,9 @@ TOLERANCE = 0.01  # AP_p loss allowed against the reference
 
 def _tiny_ensemble(folder: Path, n_members: int = 2) -> Path:
     """Tiny random members (folds 0.. with their validation tasks) in ``folder``."""
-    from pseudohealthy import checkpoint, model
+    from pseudohealthy.reference import random_ensemble
 
-    cfg = model.get_preset("tiny")
-    for m in range(n_members):
-        torch.manual_seed(m)
-        net = model.build_model(cfg)
-        with torch.no_grad():  # a non-zero output head, so the sampler does real work
-            for p in net.unet.out.parameters():
-                p.normal_(0, 0.05)
-        checkpoint.save_checkpoint(net, cfg, {"fold": m}, folder / f"fold{m}")
-    return folder
+    return random_ensemble(folder, "tiny", n_members)
 
 
 def validation_tasks(ensemble) -> tuple[int, ...]:

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _steps import run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_PATIENTS = ("brats_2013_pat0003_1", "brats_2013_pat0004_1", "brats_2013_pat0005_1")
@@ -65,23 +65,6 @@ PAPER_ROWS = {
         "best_dice": 0.36,
     },
 }
-
-
-def run(cmd: list[str], log: list[dict], *, capture: bool = False) -> str:
-    """Run ``python -m pseudohealthy ...``, echo it, record it with its duration; exit on failure."""
-    full = [sys.executable, "-m", "pseudohealthy", *cmd]
-    print("$ pseudohealthy " + shlex.join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(full, text=True, capture_output=capture, env=os.environ.copy())
-    seconds = round(time.perf_counter() - t0, 1)
-    log.append({"command": "pseudohealthy " + shlex.join(cmd), "seconds": seconds, "rc": proc.returncode})
-    if proc.returncode != 0:
-        if capture:
-            sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"step failed (exit {proc.returncode}): pseudohealthy {shlex.join(cmd)}")
-    if capture:
-        sys.stdout.write(proc.stdout)
-    return proc.stdout if capture else ""
 
 
 def members(run_dir: Path) -> list[str]:

@@ -14,9 +14,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of the project's shared real scans (``../shared/data``); skips if absent."""
+    """Path of the project's shared real scans (``../shared/data``), which the suite requires."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+        pytest.fail(f"shared data folder {SHARED_DATA} is absent: the tests need its real scans")
     return SHARED_DATA
 
 

@@ -12,14 +12,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK  # noqa: F401  (the preprocess extra that setup.sh installs; fail loudly if missing)
 
 from conftest import phantom
 from pseudohealthy import registration as reg
 from pseudohealthy.cli import main
 from pseudohealthy.errors import ScanWarning
 from pseudohealthy.io import load_scan
-
-pytest.importorskip("SimpleITK")
 
 ROOT = Path(__file__).resolve().parents[1]
 IXI = ("IXI132-HH-1415_T1.nii.gz", "IXI162-HH-1548_T1.nii.gz")  # the first two, as the protocol takes

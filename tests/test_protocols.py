@@ -46,8 +46,7 @@ def _is_png(path: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def brats_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[Path, str]:
-    if not (shared_data / "lesion" / "brats2013").is_dir():
-        pytest.skip("BraTS 2013 scans absent")
+    assert (shared_data / "lesion" / "brats2013").is_dir(), "BraTS 2013 scans absent from ../shared/data"
     out = tmp_path_factory.mktemp("protocol_brats")
     return out, _run("protocol_brats.py", out).stdout
 
@@ -135,9 +134,10 @@ def test_protocol_brats_table_has_every_column() -> None:
 
 @pytest.mark.slow
 def test_protocol_mslub_tiny(tmp_path: Path, shared_data: Path) -> None:
-    pytest.importorskip("SimpleITK")
-    if not (shared_data / "lesion" / "mslub").is_dir() or not (shared_data / "healthy" / "ixi_t1").is_dir():
-        pytest.skip("MSLUB or IXI scans absent")
+    import SimpleITK  # noqa: F401  (the 'preprocess' extra, installed by setup.sh; fail loudly if missing)
+
+    assert (shared_data / "lesion" / "mslub").is_dir(), "MSLUB scans absent from ../shared/data"
+    assert (shared_data / "healthy" / "ixi_t1").is_dir(), "IXI T1 scans absent from ../shared/data"
     proc = _run("protocol_mslub.py", tmp_path)
     for step in ("preprocess", "train", "evaluate"):
         assert f"$ pseudohealthy {step} " in proc.stdout

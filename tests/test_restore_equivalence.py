@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from conftest import phantom
-from pseudohealthy import checkpoint, model
 from pseudohealthy.checkpoint import Ensemble
 from pseudohealthy.io import volume_from_array
-from pseudohealthy.reference import naive_maps
+from pseudohealthy.reference import naive_maps, random_ensemble
 from pseudohealthy.restore import RestoreSettings, prepare_for, restore_volume
 
 TOLERANCE = 1e-4  # max abs difference of the ensemble maps (float32 on the CPU, batch 3 vs 1)
@@ -31,15 +30,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory) -> Ensemble:
     root: Path = tmp_path_factory.mktemp("ens")
-    cfg = model.get_preset("tiny")
-    for i in range(2):
-        torch.manual_seed(i)
-        net = model.build_model(cfg)
-        with torch.no_grad():  # a non-zero output head, so the sampler does real work
-            for p in net.unet.out.parameters():
-                p.normal_(0, 0.05)
-        checkpoint.save_checkpoint(net, cfg, {"fold": i}, root / f"fold{i}")
-    return Ensemble.from_dir(root)
+    return Ensemble.from_dir(random_ensemble(root, "tiny", 2))
 
 
 @pytest.fixture(scope="module")
