@@ -1,100 +1,93 @@
-"""Multiple sclerosis, T1: train on healthy IXI T1 scans, test on the MSLUB patients.
+"""Multiple sclerosis, T1: the conditioned ensemble vs a single conditioned model vs the unconditional
+baseline, trained on healthy IXI T1 scans and tested on the MSLUB patients.
 
-Run: ``.venv/bin/python benchmarks/protocol_mslub.py [--out DIR] [--folds all] [--steps N]
-[--preset cpu] [--tiny]`` (needs ``pip install 'pseudohealthy[preprocess]'`` and the shared data
-in ``../shared/data``). One command, three steps, each a ``pseudohealthy`` command (printed):
+Run: ``.venv/bin/python benchmarks/protocol_mslub.py [--out DIR] [--folds 2,6,9|all] [--steps N]
+[--preset cpu] [--ensemble-dir RUN] [--baseline-dir RUN] [--tiny]`` (needs ``pip install
+'pseudohealthy[preprocess]'`` and the shared data in ``../shared/data``). One command; every step
+is a ``pseudohealthy`` command (printed, timed and recorded in ``results.json``):
 
 1. ``pseudohealthy preprocess`` the raw IXI T1 scans (whole head, PSR) into the MNI frame
    (skull-stripped with the bundled template's brain mask, tightened with ``--refine`` so that
    it resembles MSLUB's skull stripping; affine; 2 mm) -> ``OUT/ixi_mni``; scans already there
    are reused.
-2. ``pseudohealthy train`` an ensemble on them (T1; ``--resume``, so finished folds are reused)
-   -> ``OUT/ensemble``.
-3. ``pseudohealthy evaluate`` on the MSLUB patients 07 and 19 (T1, consensus lesion masks), with
-   the intensity baseline inverted (lesions are dark in T1) -> ``OUT/eval`` (metrics.json, curves,
-   ``table.txt``). ``--test-frame preprocessed`` (default): the MSLUB T1 scans (already
-   skull-stripped, rigidly in MNI space, so their brains are smaller than the template's) are
-   first registered with ``pseudohealthy preprocess --no-skull-strip`` into the same affine frame
-   as the training scans, their lesion masks carried along (``--masks``); ``shipped``: evaluated
-   as distributed (the benchmark's frame).
+2. ``pseudohealthy train`` the conditioned ensemble (folds ``--folds``) -> ``OUT/ensemble`` and the
+   unconditional baseline (preset ``<preset>-baseline``, the first fold) -> ``OUT/baseline``
+   (``--resume``: finished folds are kept; ``--ensemble-dir`` / ``--baseline-dir`` reuse runs).
+3. The test set: MSLUB patients 07 and 19 (T1, consensus lesion masks). ``--test-frame
+   preprocessed`` (default): their T1 scans (already skull-stripped, rigidly in MNI space, so
+   their brains are smaller than the template's) are registered with ``pseudohealthy preprocess
+   --no-skull-strip`` into the same affine frame as the training scans, lesion masks carried
+   along (``--masks``) -> ``OUT/mslub_mni``; ``shipped``: evaluated as distributed.
+4. Per arm (ensemble, single = its first member, baseline) ``pseudohealthy restore`` each patient
+   -> ``OUT/restore/<arm>/<patient>`` and one ``pseudohealthy evaluate --restorations`` over both
+   (pooled, with the intensity baseline inverted: lesions are dark in T1) -> ``OUT/eval/<arm>``.
+   Writes ``OUT/table.md`` (the arms, the intensity baseline and, for orientation only, the
+   paper's Table 1 T1 rows: different data), ``OUT/results.json`` and ``OUT/figure.png``.
 
-``--tiny``: the whole chain in about a minute (2 IXI scans, the tiny preset, 1 fold, a few
-training steps, 2 DDIM steps, 3 slices per patient): a smoke test, not a result.
+The split is fixed: the 40 IXI scans (healthy) train, the 2 MSLUB patients test; nothing is tuned
+on them. ``--tiny``: the whole chain in about two minutes (2 IXI scans, the tiny preset, 2 folds, a
+few training steps, 2 DDIM steps, 3 slices per patient): a smoke test, not a result.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _arms import TestScan, add_arm_arguments, compare, tiny_settings, train
 from _steps import run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATIENTS = ("patient07", "patient19")
+# Table 1 of Baugh et al. (UNSURE 2024), ensemble of 10, trained on CamCAN T1: its T1 test sets.
+PAPER_ROWS = {
+    "paper Table 1, BraTS-T1 (different data)": {
+        "ap_image": 0.75,
+        "auroc": 0.77,
+        "ap_pixel": 0.30,
+        "best_dice": 0.36,
+    },
+    "paper Table 1, ATLAS T1 (different data)": {
+        "ap_image": 0.55,
+        "auroc": 0.75,
+        "ap_pixel": 0.25,
+        "best_dice": 0.34,
+    },
+}
 
 
 def preprocess_ixi(args: argparse.Namespace, out: Path, log: list[dict]) -> Path:
+    """Step 1: the raw IXI T1 scans into the MNI frame (``OUT/ixi_mni``); done scans are reused."""
     scans = sorted(p for p in args.ixi_dir.glob("*.nii*"))[: args.n_ixi]
     if not scans:
         raise SystemExit(f"no IXI scans in {args.ixi_dir}")
     todo = [s for s in scans if not (out / f"{s.name.split('.nii')[0]}_preprocessed.nii.gz").is_file()]
-    print(f"[1/3] preprocess {len(scans)} IXI T1 scans ({len(scans) - len(todo)} already done)", flush=True)
+    print(f"[1/4] preprocess {len(scans)} IXI T1 scans ({len(scans) - len(todo)} already done)", flush=True)
     if todo:
         run(["preprocess", *map(str, todo), "-o", str(out), *(["--refine"] if args.refine else [])], log)
     return out
 
 
-def train(args: argparse.Namespace, data: Path, out: Path, log: list[dict]) -> Path:
-    print(f"[2/3] train ({args.preset}, folds {args.folds}) -> {out}", flush=True)
-    cmd = ["train", str(data), "-o", str(out), "--folds", args.folds, "--preset", args.preset]
-    cmd += ["--modality", "T1", "--device", args.device, "--resume"]
-    if args.steps is not None:
-        cmd += ["--steps", str(args.steps)]
-    if args.tiny:
-        cmd += ["--batch-size", "4", "--val-every", "0", "--ckpt-every", "0", "--workers", "0"]
-    run(cmd, log)
-    return out
-
-
-def test_set(
-    args: argparse.Namespace, out: Path, log: list[dict]
-) -> tuple[list[Path], list[Path], list[Path]]:
-    """``(scans, lesion masks, brain masks)`` of the MSLUB patients in the chosen frame."""
-    raw = [args.mslub_dir / p / "T1.nii.gz" for p in PATIENTS]
-    lesions = [args.mslub_dir / p / "lesion_mask.nii.gz" for p in PATIENTS]
+def test_set(args: argparse.Namespace, out: Path, log: list[dict]) -> list[TestScan]:
+    """The MSLUB patients (T1, lesion mask, brain mask) in the chosen frame."""
     if args.test_frame == "shipped":
-        return raw, lesions, []
-    scans, masks, brains = [], [], []
+        return [
+            TestScan(args.mslub_dir / p / "T1.nii.gz", args.mslub_dir / p / "lesion_mask.nii.gz")
+            for p in PATIENTS
+        ]
     print("      MSLUB T1 -> the training frame (registration only, already skull-stripped)", flush=True)
-    for patient, scan, lesion in zip(PATIENTS, raw, lesions, strict=True):
+    tests = []
+    for patient in PATIENTS:
         folder = out / patient
         done = folder / "T1_preprocessed.nii.gz"
         if not done.is_file():
-            cmd = ["preprocess", str(scan), "-o", str(folder), "--no-skull-strip", "--masks", str(lesion)]
-            run([*cmd], log)
-        scans.append(done)
-        masks.append(folder / "T1_mask.nii.gz")
-        brains.append(folder / "T1_brainmask.nii.gz")
-    return scans, masks, brains
-
-
-def evaluate(args: argparse.Namespace, ensemble: Path, out: Path, log: list[dict]) -> str:
-    print(f"[3/3] evaluate on MSLUB {', '.join(PATIENTS)} (T1, {args.test_frame} frame) -> {out}", flush=True)
-    scans, masks, brains = test_set(args, out.parent / "mslub_mni", log)
-    cmd = ["evaluate", "--scans", *map(str, scans), "--masks", *map(str, masks)]
-    if brains:
-        cmd += ["--brain-masks", *map(str, brains)]
-    cmd += ["--ensemble", str(ensemble), "-o", str(out), "--overwrite", "--invert-baseline"]
-    cmd += ["--sampler", args.sampler, "--steps", str(args.eval_steps), "--device", args.device]
-    if args.slices_per_volume:
-        cmd += ["--slices-per-volume", str(args.slices_per_volume)]
-    if args.size:
-        cmd += ["--size", str(args.size)]
-    return run(cmd, log, capture=True)
+            scan, lesion = (args.mslub_dir / patient / f for f in ("T1.nii.gz", "lesion_mask.nii.gz"))
+            run(["preprocess", str(scan), "-o", str(folder), "--no-skull-strip", "--masks", str(lesion)], log)
+        tests.append(TestScan(done, folder / "T1_mask.nii.gz", folder / "T1_brainmask.nii.gz"))
+    return tests
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,14 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ixi-dir", type=Path, default=SHARED / "healthy/ixi_t1", help="raw IXI T1 scans")
     parser.add_argument("--mslub-dir", type=Path, default=SHARED / "lesion/mslub", help="MSLUB patients")
     parser.add_argument("--n-ixi", type=int, help="use the first N IXI scans (default all)")
-    parser.add_argument("--folds", default="all", help="ensemble folds: 'all' or e.g. 0,3,5")
-    parser.add_argument("--steps", type=int, help="training steps per fold (default: the preset's)")
-    parser.add_argument("--preset", default="cpu", help="model preset (default cpu)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
-    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm"))
-    parser.add_argument("--eval-steps", type=int, default=50, help="sampling steps at test time (default 50)")
-    parser.add_argument("--slices-per-volume", type=int, help="evaluate N slices per patient (quick runs)")
-    parser.add_argument("--size", type=int, help="evaluation frame size (default: evaluate's, 128)")
     parser.add_argument(
         "--test-frame",
         choices=("preprocessed", "shipped"),
@@ -123,17 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="keep the plain atlas brain mask of the IXI scans (default: --refine, tight like MSLUB's)",
     )
-    parser.add_argument("--tiny", action="store_true", help="a one-minute smoke run of the whole chain")
+    add_arm_arguments(parser, folds="2,6,9")
     args = parser.parse_args(argv)
     if args.tiny:
         args.n_ixi = args.n_ixi or 2
-        args.preset = "tiny"
-        args.steps = args.steps or 4
-        args.folds = "0" if args.folds == "all" else args.folds
-        args.sampler, args.eval_steps = "ddim", 2
-        args.slices_per_volume = args.slices_per_volume or 3
-        args.size = args.size or 64
-        args.device = "cpu" if args.device == "auto" else args.device
+        tiny_settings(args, folds="2,6" if args.folds in ("2,6,9", "all") else args.folds)
     for folder in (args.ixi_dir, args.mslub_dir):
         if not folder.is_dir():
             raise SystemExit(f"data folder not found: {folder}")
@@ -141,20 +120,36 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
     t0 = time.perf_counter()
-    data = preprocess_ixi(args, out / "ixi_mni", log)
-    ensemble = train(args, data, out / "ensemble", log)
-    table = evaluate(args, ensemble, out / "eval", log)
-    (out / "eval" / "table.txt").write_text(table)
-    summary = {
-        "protocol": "train IXI T1 (preprocessed to MNI) -> test MSLUB T1 patients 07, 19",
-        "test_frame": args.test_frame,
-        "tiny": bool(args.tiny),
-        "steps": log,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "metrics": str(out / "eval" / "metrics.json"),
-    }
-    (out / "protocol.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"protocol done in {summary['seconds']} s; table -> {out / 'eval' / 'table.txt'}")
+    first_fold = "0" if args.folds == "all" else args.folds.split(",")[0].strip()
+    data = [str(preprocess_ixi(args, out / "ixi_mni", log)), "--modality", "T1"]
+
+    print(f"[2/4] train the ensemble ({args.preset}, folds {args.folds}) and the baseline", flush=True)
+    ens_dir = args.ensemble_dir or out / "ensemble"
+    train(args, ens_dir, args.preset, args.folds, data, log, given=bool(args.ensemble_dir))
+    base_dir = args.baseline_dir or out / "baseline"
+    train(args, base_dir, f"{args.preset}-baseline", first_fold, data, log, given=bool(args.baseline_dir))
+
+    tests = test_set(args, out / "mslub_mni", log)
+    results = compare(
+        args,
+        tests=tests,
+        ens_dir=ens_dir,
+        base_dir=base_dir,
+        out=out,
+        log=log,
+        protocol={
+            "name": f"MSLUB T1 ({args.test_frame} frame): train healthy IXI T1, test patients 07 and 19",
+            "split": {"train": [f"IXI T1 ({args.n_ixi or 'all'} scans)"], "test": list(PATIENTS)},
+            "test": f"MSLUB {', '.join(PATIENTS)} (T1, {args.test_frame} frame)",
+            "train": f"healthy IXI T1 scans in {args.ixi_dir} ({args.n_ixi or 'all'})",
+        },
+        paper_rows=PAPER_ROWS,
+        modality="T1",
+        evaluate_options=["--invert-baseline"],
+        started=t0,
+    )
+    done = f"protocol done in {results['seconds']} s; table -> {out / 'table.md'}"
+    print(f"{done}, figure -> {results['figure']}")
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from pseudohealthy.cli import main
 from pseudohealthy.errors import ScanWarning
 from pseudohealthy.io import load_scan
 
-ROOT = Path(__file__).resolve().parents[1]
 IXI = ("IXI132-HH-1415_T1.nii.gz", "IXI162-HH-1548_T1.nii.gz")  # the first two, as the protocol takes
 MNI_SHAPE = (91, 109, 91)
 RECOVERY_TOL_MM = 1.0  # mean error over the template's brain voxels, 2 mm scans
@@ -53,12 +51,12 @@ def mslub_2mm(tmp_path_factory, shared_data: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def protocol_out(tmp_path_factory, shared_data: Path) -> Path:
-    """The CLI run on two raw IXI scans into ``<protocol>/ixi_mni`` (step 1 of the protocol)."""
-    root = tmp_path_factory.mktemp("protocol")
+def ixi_mni(tmp_path_factory, shared_data: Path) -> Path:
+    """The CLI run on two raw IXI scans (step 1 of ``benchmarks/protocol_mslub.py``)."""
+    out = tmp_path_factory.mktemp("protocol") / "ixi_mni"
     scans = [shared_data / "healthy/ixi_t1" / name for name in IXI]
-    assert _cli(*scans, "-o", root / "ixi_mni") == 0
-    return root
+    assert _cli(*scans, "-o", out) == 0
+    return out
 
 
 def _displacement(a: np.ndarray, b: np.ndarray, template: reg.Template) -> float:
@@ -114,8 +112,8 @@ def test_template_from_the_shared_1mm_files_matches_the_bundled_mask(shared_data
     assert template.shape == MNI_SHAPE
 
 
-def test_cli_mni_outputs_on_raw_ixi(protocol_out, shared_data, template):
-    out = protocol_out / "ixi_mni"
+def test_cli_mni_outputs_on_raw_ixi(ixi_mni, shared_data, template):
+    out = ixi_mni
     for name in IXI:
         stem = name.removesuffix(".nii.gz")
         image = nib.load(out / f"{stem}_preprocessed.nii.gz")
@@ -221,22 +219,3 @@ def test_missing_simpleitk_says_how_to_install(monkeypatch, mslub_2mm, tmp_path,
     assert _cli(mslub_2mm["scan"], "-o", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "pip install 'pseudohealthy[preprocess]'" in err and len(err.strip().splitlines()) == 1
-
-
-@pytest.mark.slow
-def test_protocol_mslub_tiny_runs_end_to_end(protocol_out, shared_data):
-    cmd = [sys.executable, str(ROOT / "benchmarks/protocol_mslub.py"), "--tiny", "--out", str(protocol_out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "2 already done" in proc.stdout  # the IXI scans preprocessed by the fixture are reused
-    metrics = json.loads((protocol_out / "eval/metrics.json").read_text())
-    assert metrics["n_volumes"] == 2 and metrics["n_lesion_slices"] > 0
-    assert (protocol_out / "mslub_mni/patient07/T1_mask.nii.gz").is_file()
-    assert "intensity baseline" in (protocol_out / "eval/table.txt").read_text()
-    record = json.loads((protocol_out / "protocol.json").read_text())
-    assert [s["command"].split()[1] for s in record["steps"]] == [
-        "train",
-        "preprocess",
-        "preprocess",
-        "evaluate",
-    ]

@@ -51,20 +51,19 @@ def brats_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tu
     return out, _run("protocol_brats.py", out).stdout
 
 
-@pytest.mark.slow
-def test_protocol_brats_tiny_runs_every_arm(brats_run: tuple[Path, str]) -> None:
-    out, stdout = brats_run
+def _check_arms(out: Path, stdout: str, *, tests: list[str], n_per_test: int) -> dict:
+    """What every three-arm protocol writes: the commands, per-arm metrics and maps, table, figure."""
     for step in ("train", "restore", "evaluate"):
         assert f"$ pseudohealthy {step} " in stdout  # the exact commands are printed
     results = json.loads((out / "results.json").read_text())
-    assert results["split"]["test"] == ["brats_2013_pat0006_1"]
-    assert len(results["split"]["train"]) == 3 and "brats_2013_pat0006_1" not in results["split"]["train"]
+    assert results["split"]["test"] == tests
     assert set(results["arms"]) == {"ensemble", "single", "baseline"}
-    n = len(results["slices"])
-    assert n == 3
+    assert {k: len(v) for k, v in results["slices"].items()} == {t: n_per_test for t in tests}
+    n = n_per_test * len(tests)
     for arm, info in results["arms"].items():
         _check_metrics(info["metrics"], n)
-        assert Path(info["restore_dir"], "Flair_subtrMeanDivStd_anomaly.nii.gz").is_file(), arm
+        for test in tests:
+            assert list(Path(info["restore_dir"], test).glob("*_anomaly.nii.gz")), (arm, test)
         assert json.loads(Path(info["eval_dir"], "metrics.json").read_text())["n_slices"] == n
     arms = results["arms"]
     assert arms["ensemble"]["members"] == ["fold_2", "fold_6"]
@@ -80,7 +79,8 @@ def test_protocol_brats_tiny_runs_every_arm(brats_run: tuple[Path, str]) -> None
     assert all(c["rc"] == 0 for c in results["commands"])
     assert sum(c.startswith("pseudohealthy train") for c in cmds) == 2
     assert any("--preset tiny-baseline" in c for c in cmds)
-    assert any("--members fold_2" in c for c in cmds)
+    assert sum("--members fold_2" in c for c in cmds) == len(tests)  # the single arm, per test scan
+    assert sum(c.startswith("pseudohealthy restore") for c in cmds) == 3 * len(tests)
     assert sum(c.startswith("pseudohealthy evaluate") for c in cmds) == 3
     table = (out / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
@@ -91,41 +91,54 @@ def test_protocol_brats_tiny_runs_every_arm(brats_run: tuple[Path, str]) -> None
     assert labels[3].startswith("intensity baseline")
     assert sum("paper Table 1" in lab and "different data" in lab for lab in labels) == 2
     assert all(len(r.split("|")) == 9 for r in rows)  # arm + 6 metrics
-    assert "| 0.740 |" in table  # the paper's BraTS-T2 AP_p beside ours
     assert _is_png(out / "figure.png")
+    return results
+
+
+@pytest.mark.slow
+def test_protocol_brats_tiny_runs_every_arm(brats_run: tuple[Path, str]) -> None:
+    out, stdout = brats_run
+    results = _check_arms(out, stdout, tests=["brats_2013_pat0006_1"], n_per_test=3)
+    assert len(results["split"]["train"]) == 3 and "brats_2013_pat0006_1" not in results["split"]["train"]
+    assert "| 0.740 |" in (out / "table.md").read_text()  # the paper's BraTS-T2 AP_p beside ours
+    for info in results["arms"].values():
+        assert Path(
+            info["restore_dir"], "brats_2013_pat0006_1", "Flair_subtrMeanDivStd_anomaly.nii.gz"
+        ).is_file()
 
 
 def test_protocol_brats_reuses_given_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A given run with trained members is reused as it is; an empty one is trained into."""
-    protocol = _load("protocol_brats")
+    protocol, arms = _load("protocol_brats"), _load("_arms")
     calls: list[list[str]] = []
-    monkeypatch.setattr(protocol, "run", lambda cmd, log, capture=False: calls.append(cmd) or "")
-    args = argparse.Namespace(brats_dir=tmp_path, device="cpu", seed=0, steps=None, tiny=False)
+    monkeypatch.setattr(arms, "run", lambda cmd, log, capture=False: calls.append(cmd) or "")
+    args = argparse.Namespace(device="cpu", seed=0, steps=None, tiny=False)
+    data = protocol.training_data(tmp_path)
     given = tmp_path / "given"
     for fold in ("fold_9", "fold_2"):
         (given / fold).mkdir(parents=True)
         (given / fold / "pseudohealthy.json").write_text("{}")
     (given / "log.csv").write_text("")
-    assert protocol.members(given) == ["fold_2", "fold_9"]
-    assert protocol.train(args, given, "cpu", "2,6,9", [], given=True) == given
+    assert arms.members(given) == ["fold_2", "fold_9"]
+    assert arms.train(args, given, "cpu", "2,6,9", data, [], given=True) == given
     assert calls == []
-    protocol.train(args, tmp_path / "empty", "cpu-baseline", "2", [], given=True)
+    arms.train(args, tmp_path / "empty", "cpu-baseline", "2", data, [], given=True)
     assert len(calls) == 1 and calls[0][0] == "train"
     cmd = calls[0]
     assert cmd[cmd.index("--preset") + 1] == "cpu-baseline" and cmd[cmd.index("--folds") + 1] == "2"
     assert "--resume" in cmd and cmd[cmd.index("--lesion-masks-pattern") + 1] == "OTMultiClass.nii.gz"
     assert "brats_2013_pat0006_1" not in " ".join(cmd)  # the test patient never trains
-    assert [m["name"] for m in protocol.describe(given)] == ["fold_2", "fold_9"]
+    assert [m["name"] for m in arms.describe(given, [protocol.TEST_PATIENT])] == ["fold_2", "fold_9"]
     leaky = tmp_path / "leaky" / "fold_0"
     leaky.mkdir(parents=True)
     info = {"data": {"files": ["/x/brats_2013_pat0006_1/Flair_subtrMeanDivStd.nii.gz"]}}
     (leaky / "pseudohealthy.json").write_text(json.dumps(info))
     with pytest.raises(SystemExit, match="test patient"):
-        protocol.describe(leaky.parent)
+        arms.describe(leaky.parent, [protocol.TEST_PATIENT])
 
 
-def test_protocol_brats_table_has_every_column() -> None:
-    protocol = _load("protocol_brats")
+def test_protocol_table_has_every_column() -> None:
+    protocol = _load("_arms")
     text = protocol.table({"a": {"ap_image": 0.5, "auroc": None, "n_slices": 7}})
     header, _, row = text.splitlines()
     assert header.split("|")[2:-1] == [f" {c} " for c, _ in protocol.COLUMNS]
@@ -133,21 +146,45 @@ def test_protocol_brats_table_has_every_column() -> None:
 
 
 @pytest.mark.slow
-def test_protocol_mslub_tiny(tmp_path: Path, shared_data: Path) -> None:
+def test_protocol_mslub_tiny_runs_every_arm(tmp_path: Path, shared_data: Path) -> None:
     import SimpleITK  # noqa: F401  (the 'preprocess' extra, installed by setup.sh; fail loudly if missing)
 
     assert (shared_data / "lesion" / "mslub").is_dir(), "MSLUB scans absent from ../shared/data"
     assert (shared_data / "healthy" / "ixi_t1").is_dir(), "IXI T1 scans absent from ../shared/data"
     proc = _run("protocol_mslub.py", tmp_path)
-    for step in ("preprocess", "train", "evaluate"):
-        assert f"$ pseudohealthy {step} " in proc.stdout
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    _check_metrics(metrics, metrics["n_slices"])
-    assert metrics["n_volumes"] == 2 and metrics["n_slices"] == 6  # 3 slices of each patient
-    assert metrics["intensity_baseline"]["invert"] is True  # T1: lesions are dark
-    table = (tmp_path / "eval" / "table.txt").read_text().splitlines()
-    assert table[1].startswith("ensemble") and table[2].startswith("intensity baseline")  # method, baseline
-    assert len(table[1].split()) == 2 + len(METRICS) and table[1].split()[-1] == "6"
-    summary = json.loads((tmp_path / "protocol.json").read_text())
-    assert summary["tiny"] is True and all(s["rc"] == 0 for s in summary["steps"])
-    assert _is_png(tmp_path / "eval" / "pr_curve.png") and _is_png(tmp_path / "eval" / "roc_curve.png")
+    assert "$ pseudohealthy preprocess " in proc.stdout
+    results = _check_arms(tmp_path, proc.stdout, tests=["patient07", "patient19"], n_per_test=3)
+    assert results["intensity_baseline"]["invert"] is True  # T1: lesions are dark
+    for arm in results["arms"].values():
+        assert json.loads(Path(arm["eval_dir"], "metrics.json").read_text())["n_volumes"] == 2
+    cmds = [c["command"].split()[1] for c in results["commands"]]
+    # IXI into MNI, two trainings, each MSLUB patient into the same frame (lesion mask carried), arms
+    assert cmds[:5] == ["preprocess", "train", "train", "preprocess", "preprocess"]
+    assert (tmp_path / "mslub_mni/patient07/T1_mask.nii.gz").is_file()
+    train_files = [f for m in results["arms"]["ensemble"]["training"] for f in m["train_files"]]
+    assert train_files and all("ixi_mni" in f and "IXI" in f for f in train_files)  # healthy IXI only
+    assert "| 0.250 |" in (tmp_path / "table.md").read_text()  # the paper's ATLAS T1 AP_p for orientation
+
+
+def test_protocol_mslub_reuses_preprocessed_scans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    protocol = _load("protocol_mslub")
+    calls: list[list[str]] = []
+    monkeypatch.setattr(protocol, "run", lambda cmd, log, capture=False: calls.append(cmd) or "")
+    raw, out = tmp_path / "raw", tmp_path / "ixi_mni"
+    raw.mkdir()
+    out.mkdir()
+    for name in ("IXI001_T1", "IXI002_T1", "IXI003_T1"):
+        (raw / f"{name}.nii.gz").write_bytes(b"")
+    (out / "IXI002_T1_preprocessed.nii.gz").write_bytes(b"")
+    args = argparse.Namespace(ixi_dir=raw, n_ixi=None, refine=True)
+    assert protocol.preprocess_ixi(args, out, []) == out
+    assert len(calls) == 1 and calls[0][0] == "preprocess" and "--refine" in calls[0]
+    assert [Path(a).name for a in calls[0] if a.endswith(".nii.gz")] == [
+        "IXI001_T1.nii.gz",
+        "IXI003_T1.nii.gz",
+    ]
+    calls.clear()
+    (out / "IXI001_T1_preprocessed.nii.gz").write_bytes(b"")
+    (out / "IXI003_T1_preprocessed.nii.gz").write_bytes(b"")
+    protocol.preprocess_ixi(args, out, [])
+    assert calls == []  # all done: nothing is registered again

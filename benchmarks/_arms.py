@@ -1,0 +1,371 @@
+"""The three-arm comparison shared by the real-data protocols.
+
+Arms, all in the same harness, on the same test slices, with the same sampler and seed:
+``ensemble`` (the image-conditioned ensemble), ``single`` (its first member alone) and
+``baseline`` (the unconditional reconstruction baseline, restored by partial noising). Each arm is
+``pseudohealthy restore`` per test scan, then one ``pseudohealthy evaluate --restorations`` over
+all test scans (pooled metrics with the intensity baseline beside them). Writes ``OUT/table.md``,
+``OUT/results.json`` and ``OUT/figure.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from _steps import run
+
+ARMS = ("ensemble", "single", "baseline")
+COLUMNS = (("AP_i", "ap_image"), ("AUROC", "auroc"), ("AP_p", "ap_pixel"), ("[Dsc]", "best_dice"))
+COLUMNS += (("Dice@5%FPR", "dice_at_5fpr"), ("n slices", "n_slices"))
+
+
+@dataclass(frozen=True)
+class TestScan:
+    """One test volume: its scan, lesion mask and (optional) brain mask. ``label`` (the scan's
+    folder name) names its restore sub-folder, where ``evaluate --restorations`` finds it."""
+
+    scan: Path
+    lesion: Path
+    brain: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return self.scan.parent.name
+
+
+def add_arm_arguments(parser: argparse.ArgumentParser, *, folds: str) -> None:
+    """The options every three-arm protocol has (training, sampling, evaluation, figure)."""
+    parser.add_argument("--ensemble-dir", type=Path, help="reuse this trained ensemble (else OUT/ensemble)")
+    parser.add_argument("--baseline-dir", type=Path, help="reuse this trained baseline (else OUT/baseline)")
+    parser.add_argument("--folds", default=folds, help=f"ensemble folds: e.g. {folds} (default) or 'all'")
+    parser.add_argument("--steps", type=int, help="training steps per model (default: the preset's)")
+    parser.add_argument(
+        "--preset", default="cpu", help="model preset (default cpu; baseline: <preset>-baseline)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    parser.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
+    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm"))
+    parser.add_argument("--eval-steps", type=int, default=50, help="sampling steps at test time (default 50)")
+    parser.add_argument("--t-start", type=int, help="baseline's partial-noising depth (default: restore's)")
+    parser.add_argument("--slices-per-volume", type=int, help="evaluate N evenly spaced slices (quick runs)")
+    parser.add_argument("--size", type=int, default=128, help="evaluation frame size (default 128)")
+    parser.add_argument("--figure-slices", type=int, default=3, help="test slices in the figure (default 3)")
+    parser.add_argument("--tiny", action="store_true", help="a one-minute smoke run of the whole chain")
+
+
+def tiny_settings(args: argparse.Namespace, *, folds: str) -> None:
+    """``--tiny``: tiny preset, ``folds``, a few training steps, 2 DDIM steps, 3 slices, 64 px."""
+    args.preset = "tiny"
+    args.steps = args.steps or 4
+    args.folds = folds
+    args.sampler, args.eval_steps = "ddim", 2
+    args.slices_per_volume = args.slices_per_volume or 3
+    args.size = 64 if args.size == 128 else args.size
+    args.device = "cpu" if args.device == "auto" else args.device
+
+
+def members(run_dir: Path) -> list[str]:
+    """Names of the trained members in ``run_dir`` (sorted, as ``restore`` loads them)."""
+    if (run_dir / "pseudohealthy.json").is_file():
+        return [run_dir.name]
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if (p / "pseudohealthy.json").is_file())
+
+
+def describe(run_dir: Path, test_ids: Sequence[str]) -> list[dict]:
+    """How each member of ``run_dir`` was trained; exits if one saw a test volume (leakage)."""
+    found = []
+    for name in members(run_dir):
+        folder = run_dir if (run_dir / "pseudohealthy.json").is_file() else run_dir / name
+        info = json.loads((folder / "pseudohealthy.json").read_text())
+        data, training = info.get("data", {}), info.get("training", {})
+        files = [str(f) for f in data.get("files", [])]
+        leaked = [t for t in test_ids if any(t in f for f in files)]
+        if leaked:
+            raise SystemExit(f"{folder} was trained on the test patient {leaked[0]}: not a valid split")
+        found.append(
+            {
+                "name": name,
+                "preset": training.get("preset"),
+                "fold": info.get("fold"),
+                "steps": training.get("steps_done"),
+                "train_seconds": training.get("time_s"),
+                "image_size": info.get("image_size"),
+                "modality": info.get("modality"),
+                "n_train_slices": data.get("n_train_slices"),
+                "train_files": files,
+            }
+        )
+    return found
+
+
+def train(
+    args: argparse.Namespace,
+    out: Path,
+    preset: str,
+    folds: str,
+    data: Sequence[str],
+    log: list[dict],
+    *,
+    given: bool,
+) -> Path:
+    """``pseudohealthy train DATA`` for ``folds`` into ``out`` (``--resume``: finished folds are kept),
+    unless ``out`` was given and already holds members: then it is reused as it is."""
+    have = members(out)
+    if given and have:
+        print(f"      reusing {out} ({', '.join(have)}); not trained again", flush=True)
+        return out
+    cmd = ["train", *data, "-o", str(out), "--preset", preset, "--folds", folds]
+    cmd += ["--device", args.device, "--resume", "--seed", str(args.seed)]
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    if args.tiny:
+        cmd += ["--batch-size", "4", "--val-every", "0", "--ckpt-every", "0", "--workers", "0"]
+    run(cmd, log)
+    return out
+
+
+def test_slices(test: TestScan, n: int | None) -> list[int]:
+    """The evaluated axial slices of ``test``, chosen exactly as ``evaluate`` does."""
+    from pseudohealthy.evaluate import foreground_slices, pick_slices
+    from pseudohealthy.io import load_mask, load_scan
+    from pseudohealthy.preprocess import foreground_mask
+
+    volume = load_scan(test.scan)
+    brain = load_mask(test.brain, volume) if test.brain is not None else None
+    every = foreground_slices(foreground_mask(volume.data, brain))
+    return [int(k) for k in pick_slices(every, n)]
+
+
+def restore_and_evaluate(
+    args: argparse.Namespace,
+    arm: str,
+    run_dir: Path,
+    tests: Sequence[TestScan],
+    slices: dict[str, list[int]],
+    out: Path,
+    log: list[dict],
+    *,
+    member: str | None = None,
+    evaluate_options: Sequence[str] = (),
+) -> dict:
+    """``restore`` every test scan with one arm, then ``evaluate`` the maps; returns the metrics."""
+    restored = out / "restore" / arm
+    for test in tests:
+        cmd = ["restore", str(test.scan), "--ensemble", str(run_dir), "-o", str(restored / test.label)]
+        if test.brain is not None:
+            cmd += ["--brain-mask", str(test.brain)]
+        cmd += ["--slices", ",".join(map(str, slices[test.label])), "--no-preview"]
+        cmd += ["--sampler", args.sampler, "--steps", str(args.eval_steps), "--seed", str(args.seed)]
+        cmd += ["--device", args.device, "--overwrite"]
+        if member is not None:
+            cmd += ["--members", member]
+        if arm == "baseline" and args.t_start is not None:
+            cmd += ["--t-start", str(args.t_start)]
+        run(cmd, log)
+    evaluated = out / "eval" / arm
+    cmd = ["evaluate", "--scans", *(str(t.scan) for t in tests), "--masks", *(str(t.lesion) for t in tests)]
+    if all(t.brain is not None for t in tests):
+        cmd += ["--brain-masks", *(str(t.brain) for t in tests)]
+    cmd += ["--restorations", str(restored), "-o", str(evaluated), "--size", str(args.size), "--overwrite"]
+    cmd += list(evaluate_options)
+    if args.slices_per_volume:
+        cmd += ["--slices-per-volume", str(args.slices_per_volume)]
+    run(cmd, log, capture=True)
+    return json.loads((evaluated / "metrics.json").read_text())
+
+
+def _cell(value: float | int | None) -> str:
+    if value is None:
+        return "–"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def table(rows: dict[str, dict]) -> str:
+    """A markdown table, one row per entry of ``rows`` (metric dicts)."""
+    lines = ["| arm | " + " | ".join(c for c, _ in COLUMNS) + " |"]
+    lines.append("|---" * (len(COLUMNS) + 1) + "|")
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(metrics.get(k)) for _, k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def figure(
+    args: argparse.Namespace,
+    tests: Sequence[TestScan],
+    arms: dict[str, dict],
+    slices: dict[str, list[int]],
+    path: Path,
+    *,
+    title: str,
+    modality: str,
+) -> Path:
+    """The test slices with the most lesion (over all test scans): input, lesion mask, then
+    restoration and map (lesion outlined, one colour scale for all arms) per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    import numpy as np
+
+    from pseudohealthy.io import scan_name
+
+    def canonical(p: Path) -> np.ndarray:
+        return np.asarray(nib.as_closest_canonical(nib.load(p)).get_fdata(dtype=np.float32))
+
+    volumes = {}
+    for test in tests:
+        image, lesion = canonical(test.scan), canonical(test.lesion)
+        brain = canonical(test.brain) > 0 if test.brain is not None else image > image.min()
+        volumes[test.label] = (image, lesion > 0.5, brain)
+    area = [(int(volumes[t][1][:, :, k].sum()), t, k) for t in slices for k in slices[t]]
+    shown = sorted((t, k) for _, t, k in sorted(area, reverse=True)[: args.figure_slices])
+    outputs = {
+        (arm, test.label): tuple(
+            canonical(Path(info["restore_dir"]) / test.label / f"{scan_name(test.scan)}{suffix}")
+            for suffix in ("_pseudohealthy.nii.gz", "_anomaly.nii.gz")
+        )
+        for arm, info in arms.items()
+        for test in tests
+    }
+    top = max(float(outputs[(arm, t)][1][:, :, k].max()) for arm in arms for t, k in shown)  # one map scale
+    n_cols = 2 + 2 * len(arms)
+    fig, axes = plt.subplots(
+        len(shown), n_cols, figsize=(1.9 * n_cols, 2.0 * len(shown) + 0.4), squeeze=False
+    )
+    for row, (label, k) in enumerate(shown):
+        image, lesion, brain = volumes[label]
+        xs, ys = np.nonzero(brain.any(axis=2))
+        inside = image[brain]
+        vmin, vmax = np.percentile(inside, [0.5, 99.5]) if inside.size else (image.min(), image.max())
+
+        def view(vol: np.ndarray, k: int = k, xs: np.ndarray = xs, ys: np.ndarray = ys) -> np.ndarray:
+            return np.rot90(vol[xs.min() : xs.max() + 1, ys.min() : ys.max() + 1, k])  # RAS: anterior up
+
+        panels = [(modality, view(image), "gray", (vmin, vmax)), ("lesion", view(lesion), "gray", (0, 1))]
+        for arm in arms:
+            restored, anomaly = outputs[(arm, label)]
+            panels.append((f"{arm}: restored", view(restored), "gray", (vmin, vmax)))
+            panels.append((f"{arm}: map", view(anomaly), "inferno", (0, max(top, 1e-6))))
+        for col, (name, data, cmap, (lo, hi)) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if name.endswith("map") and view(lesion).any():
+                ax.contour(view(lesion), levels=[0.5], colors="cyan", linewidths=0.6)
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+        axes[row, 0].set_ylabel(f"{label} {k}" if len(tests) > 1 else f"slice {k}", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(
+    args: argparse.Namespace,
+    *,
+    tests: Sequence[TestScan],
+    ens_dir: Path,
+    base_dir: Path,
+    out: Path,
+    log: list[dict],
+    protocol: dict,
+    paper_rows: dict[str, dict],
+    modality: str,
+    evaluate_options: Sequence[str] = (),
+    started: float | None = None,
+) -> dict:
+    """Restore and evaluate ``tests`` with the three arms; write the table, results and figure.
+
+    ``protocol`` holds ``name`` (one line), ``split`` ({"train": [...], "test": [...]}) and ``test``
+    and ``train`` (phrases for the table's notes); ``started`` (``perf_counter()``) is when the
+    protocol began. Returns the results (also ``OUT/results.json``).
+    """
+    t0 = time.perf_counter() if started is None else started
+    ens_members, base_members = members(ens_dir), members(base_dir)
+    if not ens_members or not base_members:
+        raise SystemExit(f"no trained members in {ens_dir if not ens_members else base_dir}")
+    test_ids = protocol["split"]["test"]
+    trained = {"ensemble": describe(ens_dir, test_ids), "baseline": describe(base_dir, test_ids)}
+    slices = {t.label: test_slices(t, args.slices_per_volume) for t in tests}
+    n_slices = sum(map(len, slices.values()))
+    print(f"[3/4] restore + evaluate {', '.join(slices)} ({n_slices} slices) with each arm", flush=True)
+    plan = {
+        "ensemble": (ens_dir, None, f"conditioned ensemble ({len(ens_members)}: {', '.join(ens_members)})"),
+        "single": (ens_dir, ens_members[0], f"single conditioned model ({ens_members[0]})"),
+        "baseline": (base_dir, None, f"unconditional baseline ({', '.join(base_members)}, partial noising)"),
+    }
+    arms: dict[str, dict] = {}
+    intensity: dict | None = None
+    for arm, (run_dir, member, label) in plan.items():
+        metrics = restore_and_evaluate(
+            args, arm, run_dir, tests, slices, out, log, member=member, evaluate_options=evaluate_options
+        )
+        arms[arm] = {
+            "label": label,
+            "run_dir": str(run_dir),
+            "members": [member] if member else members(run_dir),
+            "training": [
+                m
+                for m in trained["baseline" if arm == "baseline" else "ensemble"]
+                if member is None or m["name"] == member
+            ],
+            "restore_dir": str(out / "restore" / arm),
+            "eval_dir": str(out / "eval" / arm),
+            "metrics": {k: metrics.get(k) for _, k in COLUMNS}
+            | {"n_lesion_slices": metrics.get("n_lesion_slices")},
+        }
+        intensity = metrics.get("intensity_baseline")
+
+    print("[4/4] table, results and figure", flush=True)
+    rows = {info["label"]: info["metrics"] for info in arms.values()}
+    if intensity:
+        rows["intensity baseline (Meissen et al.), same slices"] = intensity
+    rows |= paper_rows
+    text = table(rows)
+    models = "; ".join(
+        f"{m['name']} ({kind}): preset {m['preset']}, {m['steps']} steps, {m['image_size']} px"
+        for kind, ms in trained.items()
+        for m in ms
+    )
+    notes = (
+        f"\nTest: {protocol['test']}, {n_slices} axial slices, pooled; train: {protocol['train']}. "
+        f"Models: {models}. Sampler {args.sampler} x {args.eval_steps}, seed {args.seed}, "
+        f"evaluation frame {args.size} px.\n"
+        "Paper rows: Baugh et al. 2024 Table 1 (ensemble of 10, CamCAN-trained, BraTS 2020 / ATLAS): "
+        "different data, training and scale; for orientation only.\n"
+    )
+    (out / "table.md").write_text(text + "\n" + notes)
+    fig_path = figure(
+        args, tests, arms, slices, out / "figure.png", title=protocol["name"], modality=modality
+    )
+    results = {
+        "protocol": protocol["name"],
+        "split": protocol["split"],
+        "tiny": bool(args.tiny),
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("tiny",)
+        },
+        "slices": slices,
+        "arms": arms,
+        "intensity_baseline": intensity,
+        "paper_table1": paper_rows,
+        "figure": str(fig_path),
+        "table": str(out / "table.md"),
+        "commands": log,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(text + "\n" + notes)
+    return results
