@@ -19,7 +19,8 @@ Defaults: presets ``paper,cpu`` (``paper:10,cpu:3`` sets members per preset; els
 10), DDPM 50 steps, 8 slices on the CPU and 64 on CUDA, where the naive loop does only 4 (its
 cost is linear in the slices). ``--quick``: CPU-friendly (tiny and cpu presets, 2 members, 4
 slices, ddim 4 steps). The paper preset on a CPU: e.g. ``--presets paper --members 1 --slices 1
---steps 2``.
+--steps 2``. ``--compile MODE`` runs the engine's members through ``torch.compile`` (the warm-up,
+reported, pays the compilation; the naive loop stays eager).
 One CPU thread by default: on a small shared machine, multi-threaded small convolutions stall
 on descheduled threads and the timings become noise.
 """
@@ -136,14 +137,22 @@ def bench_preset(
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = build_ensemble(Path(tmp), preset, n_members)
         settings = RestoreSettings(
-            sampler=args.sampler, steps=args.steps, device=str(device), batch_size=args.batch_size
+            sampler=args.sampler,
+            steps=args.steps,
+            device=str(device),
+            batch_size=args.batch_size,
+            compile=args.compile,
         )
         prepared = prepare_for(volume, ensemble, settings)
         fg = [int(k) for k in prepared.indices]
         mid = len(fg) // 2
         slices = fg[max(0, mid - args.slices // 2) :][: args.slices]
-        warm = RestoreSettings(sampler="ddim", steps=1, device=str(device))
+        warm = RestoreSettings(**{**settings.to_dict(), "sampler": "ddim", "steps": 1})
+        t_warm = time.perf_counter()
         restore_volume(volume, ensemble, warm, slices=slices[:1])  # load weights, warm kernels
+        if args.compile:  # compile for the batch sizes of the timed runs (one slice, then batches)
+            restore_volume(volume, ensemble, warm, slices=slices)
+        warm_s = time.perf_counter() - t_warm
         flops = unet_flops(preset)
         n_params = sum(p.numel() for p in ensemble.members[0].model(device).parameters())
 
@@ -186,6 +195,8 @@ def bench_preset(
         "device_peak_tflops": peak,
         "max_abs_map_difference": diff,
         "engine_one_slice_s": one_s,
+        "compile": args.compile,
+        "warmup_s": warm_s,
     }
     for name, n, secs, cpu, rss, gpu in (
         ("engine", len(slices), engine_s, engine_cpu, engine_rss, engine_gpu),
@@ -215,7 +226,8 @@ def _print(fig: dict[str, Any]) -> None:
         f"\n{fig['preset']} preset ({fig['image_size']} px, {fig['parameters'] / 1e6:.2f}M parameters, "
         f"{fig['unet_gflop_per_pass']:.2f} GFLOP/pass), {fig['members']} members, {fig['slices']} slices "
         f"({fig['naive_slices']} naive), "
-        f"{fig['sampler']} {fig['steps']} steps, autocast {fig['autocast']}"
+        f"{fig['sampler']} {fig['steps']} steps, autocast {fig['autocast']}, "
+        f"torch.compile {fig['compile'] or 'off'} (warm-up {fig['warmup_s']:.1f} s)"
     )
     print(
         f"{'':7s} {'slices/s':>9s} {'s/volume':>9s} {'CPU s/vol':>9s} {'ms/pass':>8s} {'host MiB':>9s} "
@@ -262,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="sampler steps (default 50; 4 with --quick)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, help="engine slices per batch (default: the engine's)")
+    parser.add_argument(
+        "--compile",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="torch.compile the engine's members (the naive loop stays eager); warm-up compiles",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
     )

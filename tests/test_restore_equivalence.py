@@ -68,3 +68,27 @@ def test_batched_engine_matches_naive_loop(volume, ensemble, sampler: str, steps
     same, other = _differences(volume, ensemble, settings, naive_seeds=[3, 4])
     assert same < TOLERANCE
     assert other > 100 * TOLERANCE  # the comparison can fail: another seed gives clearly different maps
+
+
+def test_compiled_members_match_the_naive_loop(volume, ensemble, monkeypatch) -> None:
+    """``compile`` runs the members through Dynamo (here with the ``aot_eager`` backend: inductor's
+    C++ build takes minutes on this CPU) and still gives the naive loop's maps."""
+    real_compile, modes = torch.compile, []
+
+    def recording_compile(model, *, mode=None, dynamic=None):
+        modes.append((mode, dynamic))
+        return real_compile(model, backend="aot_eager", dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    settings = RestoreSettings(
+        sampler="ddim", steps=3, seed=3, device="cpu", batch_size=3, precision="fp32", compile="default"
+    )
+    same, other = _differences(volume, ensemble, settings, naive_seeds=[3, 4])
+    assert modes == [("default", False)] * len(ensemble.members)  # every member, static shapes
+    assert same < TOLERANCE and other > 100 * TOLERANCE
+
+
+def test_compile_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="compile"):
+        RestoreSettings(compile="fast").validate()

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from pseudohealthy.restore import RestoreSettings
 
 __all__ = [
+    "COMPILE_MODES",
     "DEFAULT_T_START",
+    "compiled",
     "default_batch_size",
     "member_key",
     "noise_draws",
@@ -34,9 +36,23 @@ DEFAULT_T_START = 250
 t = 250 of 1000 and denoised from there (AnoDDPM, Wyatt et al. 2022, found 250 a good
 balance: enough noise to remove lesions, little enough to keep the anatomy)."""
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+"""``torch.compile`` modes for restoration (``reduce-overhead`` adds CUDA graphs on a GPU)."""
+
 CPU_BATCH = 8
 CUDA_BATCH_128 = 32  # slices per batch at 128 px on a GPU; scaled by area for other sizes
 MAX_BATCH = 256
+
+
+def compiled(model: nn.Module, mode: str | None) -> nn.Module:
+    """``model`` wrapped by ``torch.compile`` in ``mode`` (None: unchanged).
+
+    Shapes are static (``dynamic=False``): a new batch size compiles once more. Dynamo treats
+    module parameters as inputs, so members of one architecture share the compiled code.
+    """
+    if mode is None:
+        return model
+    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def member_key(name: str) -> int:

@@ -30,9 +30,11 @@ import numpy as np
 import torch
 
 from pseudohealthy.batching import (
+    COMPILE_MODES,
     DEFAULT_T_START,
     _batch_noise,
     _denoise_batch,
+    compiled,
     default_batch_size,
     noise_draws,
     run_timesteps,
@@ -73,7 +75,9 @@ class RestoreSettings:
     "fp32", "fp16" or "bf16". ``faithful_ssim``: the reference's SSIM constants (data range
     255). ``t_start``: partial-noising depth; None means :data:`DEFAULT_T_START` for an
     unconditioned ensemble and pure noise (t = T) for a conditioned one. ``norm`` / ``square``:
-    preprocessing overrides (None: from the members' metadata, else "max" / "pad").
+    preprocessing overrides (None: from the members' metadata, else "max" / "pad"). ``compile``:
+    a ``torch.compile`` mode (:data:`COMPILE_MODES`; "reduce-overhead" adds CUDA graphs) or None
+    for eager execution; the first batch of each size pays the compilation.
     """
 
     sampler: str = "ddpm"
@@ -87,6 +91,7 @@ class RestoreSettings:
     t_start: int | None = None
     norm: str | None = None
     square: str | None = None
+    compile: str | None = None
 
     def validate(self) -> RestoreSettings:
         """Raise :class:`SettingsError` naming the first bad setting; returns self."""
@@ -116,6 +121,8 @@ class RestoreSettings:
             raise bad("norm", f"must be 'max' or 'percentile', got {self.norm!r}")
         if self.square not in (None, "pad", "crop"):
             raise bad("square", f"must be 'pad' or 'crop', got {self.square!r}")
+        if self.compile not in (None, *COMPILE_MODES):
+            raise bad("compile", f"must be None or one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -365,7 +372,7 @@ def _start(
     if t_start is not None and not 0 <= t_start < schedule.T:
         raise SettingsError(f"restore setting 't_start': must be in 0..{schedule.T - 1}, got {t_start}")
     n_steps = len(run_timesteps(settings, schedule, t_start))
-    models = [m.model(device) for m in ensemble.members]
+    models = [compiled(m.model(device), settings.compile) for m in ensemble.members]
     return _Run(
         settings,
         prepared,
