@@ -90,7 +90,14 @@ def _check_arms(out: Path, stdout: str, *, tests: list[str], n_per_test: int) ->
     assert labels[2].startswith("unconditional baseline")
     assert labels[3].startswith("intensity baseline")
     assert sum("paper Table 1" in lab and "different data" in lab for lab in labels) == 2
-    assert all(len(r.split("|")) == 9 for r in rows)  # arm + 6 metrics
+    assert all(len(r.split("|")) == 9 for r in rows[:7])  # arm + 6 metrics
+    assert "Where the arms differ inside lesions" in table and len(rows) == 7 + 4  # + the contrast table
+    for info in arms.values():
+        contrast = info["lesion_contrast"]
+        assert contrast["map_in_lesion"] >= 0 and contrast["map_in_other_brain"] > 0
+        ratio = contrast["map_in_lesion"] / contrast["map_in_other_brain"]
+        assert math.isclose(contrast["map_ratio"], ratio)
+        assert math.isfinite(contrast["change_in_lesion"]) and contrast["abs_change_in_other_brain"] > 0
     assert _is_png(out / "figure.png")
     return results
 
@@ -188,3 +195,40 @@ def test_protocol_mslub_reuses_preprocessed_scans(tmp_path: Path, monkeypatch: p
     (out / "IXI003_T1_preprocessed.nii.gz").write_bytes(b"")
     protocol.preprocess_ixi(args, out, [])
     assert calls == []  # all done: nothing is registered again
+
+
+def test_lesion_contrast_measures_what_a_restoration_changed(tmp_path: Path) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    arms = _load("_arms")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    brain = np.zeros((10, 10, 4), np.uint8)
+    brain[2:8, 2:8, :] = 1
+    lesion = np.zeros_like(brain)
+    lesion[4:6, 4:6, :] = 1
+    image = np.where(brain > 0, 100.0, 0.0).astype(np.float32)
+    image[lesion > 0] = 50.0  # dark lesion
+    restored = np.where(brain > 0, 100.0, 0.0).astype(np.float32)  # the lesion healed, nothing else
+    amap = np.where(lesion > 0, 0.8, np.where(brain > 0, 0.2, 0.0)).astype(np.float32)
+    amap[:, :, 3] = 0.0  # slice 3 was not restored: it does not count
+    restored[:, :, 3] = image[:, :, 3] - 7.0
+    scan_dir = tmp_path / "patient01"
+    scan_dir.mkdir()
+    out = tmp_path / "restore" / "patient01"
+    out.mkdir(parents=True)
+    for path, data in (
+        (scan_dir / "T1.nii.gz", image),
+        (scan_dir / "lesion.nii.gz", lesion),
+        (scan_dir / "brain.nii.gz", brain),
+        (out / "T1_anomaly.nii.gz", amap),
+        (out / "T1_pseudohealthy.nii.gz", restored),
+    ):
+        nib.save(nib.Nifti1Image(data, affine), path)
+    test = arms.TestScan(scan_dir / "T1.nii.gz", scan_dir / "lesion.nii.gz", scan_dir / "brain.nii.gz")
+    contrast = arms.lesion_contrast([test], tmp_path / "restore")
+    assert math.isclose(contrast["map_in_lesion"], 0.8, rel_tol=1e-6)
+    assert math.isclose(contrast["map_in_other_brain"], 0.2, rel_tol=1e-6)
+    assert math.isclose(contrast["map_ratio"], 4.0, rel_tol=1e-6)
+    assert math.isclose(contrast["change_in_lesion"], 0.5, rel_tol=1e-6)  # +50 of a 99th percentile of 100
+    assert contrast["abs_change_in_other_brain"] == 0.0
