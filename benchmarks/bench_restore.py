@@ -19,8 +19,10 @@ Defaults: presets ``paper,cpu`` (``paper:10,cpu:3`` sets members per preset; els
 10), DDPM 50 steps, 8 slices on the CPU and 64 on CUDA, where the naive loop does only 4 (its
 cost is linear in the slices). ``--quick``: CPU-friendly (tiny and cpu presets, 2 members, 4
 slices, ddim 4 steps). The paper preset on a CPU: e.g. ``--presets paper --members 1 --slices 1
---steps 2``. ``--compile MODE`` runs the engine's members through ``torch.compile`` (the warm-up,
-reported, pays the compilation; the naive loop stays eager).
+--steps 2``. ``--repeats N`` times engine and naive loop N times, interleaved, and reports
+medians (a shared machine's load then hits both alike). ``--compile MODE`` adds a third
+contestant, the engine with ``torch.compile``'d members (compiled before timing; the time is
+reported), timed interleaved with the eager engine.
 One CPU thread by default: on a small shared machine, multi-threaded small convolutions stall
 on descheduled threads and the timings become noise.
 """
@@ -123,6 +125,19 @@ def _measure(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, f
     return out, time.perf_counter() - t0, time.process_time() - c0, _peak_rss_mb(), gpu
 
 
+def _median_run(runs: list[tuple]) -> tuple:
+    """``(result, median wall s, median CPU s, peak host MiB, peak GPU MiB)`` over repeated
+    :func:`_measure` runs (peaks: the largest seen)."""
+    gpu = [r[4] for r in runs if r[4] is not None]
+    return (
+        runs[-1][0],
+        float(np.median([r[1] for r in runs])),
+        float(np.median([r[2] for r in runs])),
+        max(r[3] for r in runs),
+        max(gpu) if gpu else None,
+    )
+
+
 def bench_preset(
     preset: str, n_members: int, args: argparse.Namespace, volume, device: torch.device
 ) -> dict[str, Any]:
@@ -137,45 +152,65 @@ def bench_preset(
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = build_ensemble(Path(tmp), preset, n_members)
         settings = RestoreSettings(
-            sampler=args.sampler,
-            steps=args.steps,
-            device=str(device),
-            batch_size=args.batch_size,
-            compile=args.compile,
+            sampler=args.sampler, steps=args.steps, device=str(device), batch_size=args.batch_size
         )
+        compiled = RestoreSettings(**{**settings.to_dict(), "compile": args.compile})
         prepared = prepare_for(volume, ensemble, settings)
         fg = [int(k) for k in prepared.indices]
         mid = len(fg) // 2
         slices = fg[max(0, mid - args.slices // 2) :][: args.slices]
         warm = RestoreSettings(**{**settings.to_dict(), "sampler": "ddim", "steps": 1})
-        t_warm = time.perf_counter()
         restore_volume(volume, ensemble, warm, slices=slices[:1])  # load weights, warm kernels
+        warm_s = 0.0
         if args.compile:  # compile for the batch sizes of the timed runs (one slice, then batches)
-            restore_volume(volume, ensemble, warm, slices=slices)
-        warm_s = time.perf_counter() - t_warm
+            t_warm = time.perf_counter()
+            warm_c = RestoreSettings(**{**compiled.to_dict(), "sampler": "ddim", "steps": 1})
+            restore_volume(volume, ensemble, warm_c, slices=slices[:1])
+            restore_volume(volume, ensemble, warm_c, slices=slices)
+            warm_s = time.perf_counter() - t_warm
         flops = unet_flops(preset)
         n_params = sum(p.numel() for p in ensemble.members[0].model(device).parameters())
 
-        result, engine_s, engine_cpu, engine_rss, engine_gpu = _measure(
-            lambda: restore_volume(volume, ensemble, settings, slices=slices), device
-        )
-        _, one_s, *_ = _measure(lambda: restore_volume(volume, ensemble, settings, slices=slices[:1]), device)
         naive_slices = slices[: args.naive_slices or len(slices)]
-        naive, naive_s, naive_cpu, naive_rss, naive_gpu = _measure(
-            lambda: naive_maps(
-                prepare_for(volume, ensemble, settings), ensemble, settings, naive_slices, device
+        contestants: dict[str, tuple[Callable[[], Any], int]] = {
+            "engine": (lambda: restore_volume(volume, ensemble, settings, slices=slices), len(slices)),
+            "one": (lambda: restore_volume(volume, ensemble, settings, slices=slices[:1]), 1),
+            "naive": (
+                lambda: naive_maps(
+                    prepare_for(volume, ensemble, settings), ensemble, settings, naive_slices, device
+                ),
+                len(naive_slices),
             ),
-            device,
-        )
-        geo = prepared.geometry
-        diff = max(
-            float(
-                np.abs(np.clip(geo.from_model(naive[k]), 0, 1) - result.anomaly[:, :, k])[
-                    prepared.foreground[:, :, k]
-                ].max()
+        }
+        if args.compile:
+            contestants["compiled"] = (
+                lambda: restore_volume(volume, ensemble, compiled, slices=slices),
+                len(slices),
             )
-            for k in naive_slices
-        )
+            contestants["compiled_one"] = (
+                lambda: restore_volume(volume, ensemble, compiled, slices=slices[:1]),
+                1,
+            )
+        runs: dict[str, list[tuple]] = {name: [] for name in contestants}
+        for _ in range(args.repeats):  # interleaved, so that a busy spell hits every contestant alike
+            for name, (fn, _n) in contestants.items():
+                runs[name].append(_measure(fn, device))
+        medians = {name: _median_run(measured) for name, measured in runs.items()}
+        result, naive = medians["engine"][0], medians["naive"][0]
+        geo = prepared.geometry
+
+        def largest_difference(restored) -> float:
+            return max(
+                float(
+                    np.abs(np.clip(geo.from_model(naive[k]), 0, 1) - restored.anomaly[:, :, k])[
+                        prepared.foreground[:, :, k]
+                    ].max()
+                )
+                for k in naive_slices
+            )
+
+        diff = largest_difference(result)
+        diff_compiled = largest_difference(medians["compiled"][0]) if args.compile else None
         ensemble.release()
 
     per_slice = n_members * result.settings["n_steps"]  # UNet passes
@@ -194,14 +229,16 @@ def bench_preset(
         "unet_gflop_per_pass": flops / 1e9,
         "device_peak_tflops": peak,
         "max_abs_map_difference": diff,
-        "engine_one_slice_s": one_s,
+        "engine_one_slice_s": medians["one"][1],
+        "repeats": args.repeats,
+        "runs_s": {name: [r[1] for r in measured] for name, measured in runs.items()},
         "compile": args.compile,
-        "warmup_s": warm_s,
+        "compile_warmup_s": warm_s,
     }
-    for name, n, secs, cpu, rss, gpu in (
-        ("engine", len(slices), engine_s, engine_cpu, engine_rss, engine_gpu),
-        ("naive", len(naive_slices), naive_s, naive_cpu, naive_rss, naive_gpu),
-    ):
+    timed = [name for name in ("engine", "naive", "compiled") if name in medians]
+    for name in timed:
+        _, secs, cpu, rss, gpu = medians[name]
+        n = contestants[name][1]
         passes = n * per_slice
         tflops = flops * passes / secs / 1e12
         fig[name] = {
@@ -216,6 +253,10 @@ def bench_preset(
             "tflops": tflops,
             "fraction_of_peak": None if peak is None else tflops / peak,
         }
+    if args.compile:
+        fig["compiled_one_slice_s"] = medians["compiled_one"][1]
+        fig["compiled_max_abs_map_difference"] = diff_compiled
+        fig["compile_speedup"] = fig["engine"]["s_per_volume"] / fig["compiled"]["s_per_volume"]
     fig["speedup"] = fig["naive"]["s_per_volume"] / fig["engine"]["s_per_volume"]
     fig["speedup_cpu_time"] = fig["naive"]["cpu_s_per_volume"] / fig["engine"]["cpu_s_per_volume"]
     return fig
@@ -226,19 +267,20 @@ def _print(fig: dict[str, Any]) -> None:
         f"\n{fig['preset']} preset ({fig['image_size']} px, {fig['parameters'] / 1e6:.2f}M parameters, "
         f"{fig['unet_gflop_per_pass']:.2f} GFLOP/pass), {fig['members']} members, {fig['slices']} slices "
         f"({fig['naive_slices']} naive), "
-        f"{fig['sampler']} {fig['steps']} steps, autocast {fig['autocast']}, "
-        f"torch.compile {fig['compile'] or 'off'} (warm-up {fig['warmup_s']:.1f} s)"
+        f"{fig['sampler']} {fig['steps']} steps, autocast {fig['autocast']}"
     )
     print(
-        f"{'':7s} {'slices/s':>9s} {'s/volume':>9s} {'CPU s/vol':>9s} {'ms/pass':>8s} {'host MiB':>9s} "
+        f"{'':8s} {'slices/s':>9s} {'s/volume':>9s} {'CPU s/vol':>9s} {'ms/pass':>8s} {'host MiB':>9s} "
         f"{'GPU MiB':>8s} {'TFLOP/s':>8s} {'of peak':>8s}"
     )
-    for name in ("engine", "naive"):
+    for name in ("engine", "naive", "compiled"):
+        if name not in fig:
+            continue
         r = fig[name]
         gpu = "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}"
         frac = "unknown" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.1f}%"
         print(
-            f"{name:7s} {r['slices_per_s']:9.3f} {r['s_per_volume']:9.1f} {r['cpu_s_per_volume']:9.1f} "
+            f"{name:8s} {r['slices_per_s']:9.3f} {r['s_per_volume']:9.1f} {r['cpu_s_per_volume']:9.1f} "
             f"{1e3 * r['s_per_unet_pass']:8.2f} "
             f"{r['peak_host_mib']:9.0f} {gpu:>8s} {r['tflops']:8.4f} {frac:>8s}"
         )
@@ -248,6 +290,15 @@ def _print(fig: dict[str, Any]) -> None:
         f"{fig['max_abs_map_difference']:.2e}; volume = {fig['foreground_slices_in_volume']} slices"
     )
     print(f"one slice alone (engine): {fig['engine_one_slice_s']:.2f} s")
+    if fig["compile"]:
+        print(
+            f"torch.compile {fig['compile']}: engine / compiled {fig['compile_speedup']:.2f}x; one slice "
+            f"{fig['compiled_one_slice_s']:.2f} s; largest map difference to the naive loop "
+            f"{fig['compiled_max_abs_map_difference']:.2e}; compiling took {fig['compile_warmup_s']:.1f} s"
+        )
+    if fig["repeats"] > 1:
+        spread = ", ".join(f"{name} {min(v):.1f}-{max(v):.1f} s" for name, v in fig["runs_s"].items())
+        print(f"medians of {fig['repeats']} interleaved runs (range: {spread})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,9 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, help="engine slices per batch (default: the engine's)")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time engine and naive loop N times, interleaved; report medians (default 1)",
+    )
+    parser.add_argument(
         "--compile",
         choices=("default", "reduce-overhead", "max-autotune"),
-        help="torch.compile the engine's members (the naive loop stays eager); warm-up compiles",
+        help="also time the engine with torch.compile'd members, interleaved with the eager engine",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
