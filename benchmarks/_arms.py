@@ -15,7 +15,10 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
+
+import numpy as np
 
 from _steps import run
 
@@ -131,14 +134,42 @@ def train(
     return out
 
 
-def test_slices(test: TestScan, n: int | None) -> list[int]:
-    """The evaluated axial slices of ``test``, chosen exactly as ``evaluate`` does."""
-    from pseudohealthy.evaluate import foreground_slices, pick_slices
+@cache
+def _load(test: TestScan) -> tuple:
+    """``(volume, lesion mask, brain mask or None)`` of ``test``, canonical, read once per process."""
     from pseudohealthy.io import load_mask, load_scan
-    from pseudohealthy.preprocess import foreground_mask
 
     volume = load_scan(test.scan)
     brain = load_mask(test.brain, volume) if test.brain is not None else None
+    return volume, load_mask(test.lesion, volume), brain
+
+
+def _brain(test: TestScan) -> np.ndarray:
+    """The brain mask of ``test``, or its voxels above the scan's minimum when it has none."""
+    volume, _, brain = _load(test)
+    return brain if brain is not None else volume.data > volume.data.min()
+
+
+@cache
+def _outputs(restore_dir: Path, test: TestScan) -> tuple[np.ndarray, np.ndarray]:
+    """``(restoration, anomaly map)`` an arm wrote for ``test`` under ``restore_dir``, canonical;
+    read once per process (for the lesion contrast and the figure)."""
+    from pseudohealthy.evaluate import load_map
+    from pseudohealthy.io import scan_name
+
+    volume = _load(test)[0]
+    stem = restore_dir / test.label / scan_name(test.scan)
+    return tuple(
+        load_map(f"{stem}{suffix}", volume) for suffix in ("_pseudohealthy.nii.gz", "_anomaly.nii.gz")
+    )
+
+
+def test_slices(test: TestScan, n: int | None) -> list[int]:
+    """The evaluated axial slices of ``test``, chosen exactly as ``evaluate`` does."""
+    from pseudohealthy.evaluate import foreground_slices, pick_slices
+    from pseudohealthy.preprocess import foreground_mask
+
+    volume, _, brain = _load(test)
     every = foreground_slices(foreground_mask(volume.data, brain))
     return [int(k) for k in pick_slices(every, n)]
 
@@ -187,22 +218,13 @@ def lesion_contrast(tests: Sequence[TestScan], restore_dir: Path) -> dict[str, f
     the brain, their ratio, and the mean change ``restored - input`` inside lesions and the mean
     ``|restored - input|`` elsewhere, both as fractions of the brain's 99th intensity percentile.
     A restoration that copies its input leaves the lesion change near 0."""
-    import nibabel as nib
-    import numpy as np
-
-    from pseudohealthy.io import scan_name
-
-    def canonical(p: Path) -> np.ndarray:
-        return np.asarray(nib.as_closest_canonical(nib.load(p)).get_fdata(dtype=np.float32))
-
     sums = dict.fromkeys(("map_les", "map_rest", "change_les", "abs_change_rest"), 0.0)
     n_les = n_rest = 0
     for test in tests:
-        image, lesion = canonical(test.scan), canonical(test.lesion) > 0.5
-        brain = canonical(test.brain) > 0 if test.brain is not None else image > image.min()
-        stem = restore_dir / test.label / scan_name(test.scan)
-        amap = canonical(Path(f"{stem}_anomaly.nii.gz"))
-        change = (canonical(Path(f"{stem}_pseudohealthy.nii.gz")) - image) / np.percentile(image[brain], 99)
+        (volume, lesion, _), brain = _load(test), _brain(test)
+        image = volume.data
+        restoration, amap = _outputs(restore_dir, test)
+        change = (restoration - image) / np.percentile(image[brain], 99)
         restored = np.zeros_like(brain)
         restored[:, :, amap.reshape(-1, amap.shape[2]).any(axis=0)] = True  # slices with a map
         les, rest = lesion & brain & restored, ~lesion & brain & restored
@@ -261,26 +283,12 @@ def figure(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import nibabel as nib
-    import numpy as np
 
-    from pseudohealthy.io import scan_name
-
-    def canonical(p: Path) -> np.ndarray:
-        return np.asarray(nib.as_closest_canonical(nib.load(p)).get_fdata(dtype=np.float32))
-
-    volumes = {}
-    for test in tests:
-        image, lesion = canonical(test.scan), canonical(test.lesion)
-        brain = canonical(test.brain) > 0 if test.brain is not None else image > image.min()
-        volumes[test.label] = (image, lesion > 0.5, brain)
+    volumes = {test.label: (_load(test)[0].data, _load(test)[1], _brain(test)) for test in tests}
     area = [(int(volumes[t][1][:, :, k].sum()), t, k) for t in slices for k in slices[t]]
     shown = sorted((t, k) for _, t, k in sorted(area, reverse=True)[: args.figure_slices])
     outputs = {
-        (arm, test.label): tuple(
-            canonical(Path(info["restore_dir"]) / test.label / f"{scan_name(test.scan)}{suffix}")
-            for suffix in ("_pseudohealthy.nii.gz", "_anomaly.nii.gz")
-        )
+        (arm, test.label): _outputs(Path(info["restore_dir"]), test)
         for arm, info in arms.items()
         for test in tests
     }

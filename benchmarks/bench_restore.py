@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pseudohealthy.batching import COMPILE_MODES
+
 # dense bf16 tensor-core peak, TFLOP/s, by a fragment of torch.cuda.get_device_name() (first match)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
 
@@ -154,19 +156,19 @@ def bench_preset(
         settings = RestoreSettings(
             sampler=args.sampler, steps=args.steps, device=str(device), batch_size=args.batch_size
         )
-        compiled = RestoreSettings(**{**settings.to_dict(), "compile": args.compile})
         prepared = prepare_for(volume, ensemble, settings)
         fg = [int(k) for k in prepared.indices]
         mid = len(fg) // 2
         slices = fg[max(0, mid - args.slices // 2) :][: args.slices]
         warm = RestoreSettings(**{**settings.to_dict(), "sampler": "ddim", "steps": 1})
         restore_volume(volume, ensemble, warm, slices=slices[:1])  # load weights, warm kernels
+        compiled = RestoreSettings(**{**settings.to_dict(), "compile": args.compile})
         warm_s = 0.0
         if args.compile:  # compile for the batch sizes of the timed runs (one slice, then batches)
             t_warm = time.perf_counter()
-            warm_c = RestoreSettings(**{**compiled.to_dict(), "sampler": "ddim", "steps": 1})
-            restore_volume(volume, ensemble, warm_c, slices=slices[:1])
-            restore_volume(volume, ensemble, warm_c, slices=slices)
+            warm_compiled = RestoreSettings(**{**warm.to_dict(), "compile": args.compile})
+            restore_volume(volume, ensemble, warm_compiled, slices=slices[:1])
+            restore_volume(volume, ensemble, warm_compiled, slices=slices)
             warm_s = time.perf_counter() - t_warm
         flops = unet_flops(preset)
         n_params = sum(p.numel() for p in ensemble.members[0].model(device).parameters())
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compile",
-        choices=("default", "reduce-overhead", "max-autotune"),
+        choices=COMPILE_MODES,
         help="also time the engine with torch.compile'd members, interleaved with the eager engine",
     )
     parser.add_argument(
