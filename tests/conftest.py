@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +18,15 @@ def shared_data() -> Path:
     """Path of the project's shared real scans (``../shared/data``).
 
     CI and the project's machines have it beside the checkout; a clone elsewhere skips the tests
-    on real scans (and says so in pytest's summary) rather than failing for want of data.
+    on real scans (and says so in pytest's summary) rather than failing for want of data. CI sets
+    ``PSEUDOHEALTHY_REQUIRE_SHARED_DATA=1`` (``.ci/run``): there a missing folder fails every
+    test on real scans, so none of them can pass by being skipped.
     """
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+        message = f"shared data folder {SHARED_DATA} is absent"
+        if os.environ.get("PSEUDOHEALTHY_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(message + " (required: PSEUDOHEALTHY_REQUIRE_SHARED_DATA=1)")
+        pytest.skip(message)
     return SHARED_DATA
 
 
