@@ -137,7 +137,7 @@ def train(
 @cache
 def _load(test: TestScan) -> tuple:
     """``(volume, lesion mask, brain mask or None)`` of ``test``, canonical, read once per process."""
-    from pseudohealthy.io import load_mask, load_scan
+    from pseudohealthy.data.io import load_mask, load_scan
 
     volume = load_scan(test.scan)
     brain = load_mask(test.brain, volume) if test.brain is not None else None
@@ -154,8 +154,8 @@ def _brain(test: TestScan) -> np.ndarray:
 def _outputs(restore_dir: Path, test: TestScan) -> tuple[np.ndarray, np.ndarray]:
     """``(restoration, anomaly map)`` an arm wrote for ``test`` under ``restore_dir``, canonical;
     read once per process (for the lesion contrast and the figure)."""
-    from pseudohealthy.evaluate import load_map
-    from pseudohealthy.io import scan_name
+    from pseudohealthy.data.io import scan_name
+    from pseudohealthy.evaluation.evaluate import load_map
 
     volume = _load(test)[0]
     stem = restore_dir / test.label / scan_name(test.scan)
@@ -166,8 +166,8 @@ def _outputs(restore_dir: Path, test: TestScan) -> tuple[np.ndarray, np.ndarray]
 
 def test_slices(test: TestScan, n: int | None) -> list[int]:
     """The evaluated axial slices of ``test``, chosen exactly as ``evaluate`` does."""
-    from pseudohealthy.evaluate import foreground_slices, pick_slices
-    from pseudohealthy.preprocess import foreground_mask
+    from pseudohealthy.data.preprocess import foreground_mask
+    from pseudohealthy.evaluation.evaluate import foreground_slices, pick_slices
 
     volume, _, brain = _load(test)
     every = foreground_slices(foreground_mask(volume.data, brain))

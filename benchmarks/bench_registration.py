@@ -4,7 +4,7 @@ Run: ``.venv/bin/python benchmarks/bench_registration.py [--quick] [--libraries 
 (needs the shared data in ``../shared/data`` and whichever libraries are installed:
 ``pip install simpleitk antspyx dipy``; one CPU thread, set before any library loads).
 
-Every library gets the same job through :func:`pseudohealthy.registration.register_to_template`
+Every library gets the same job through :func:`pseudohealthy.data.registration.register_to_template`
 (same ~2 mm images, template mask, start, two-pass skull-stripping pipeline); only the
 optimiser differs: Mattes mutual information (32 bins, 20% random samples; DIPY: all samples,
 it ignores masks when sampling sparsely), 3 levels (shrink 4, 2, 1; smoothing 2, 1, 0 voxels),
@@ -177,7 +177,7 @@ optimise_dipy.library = lambda: f"DIPY {__import__('dipy').__version__}"
 
 
 def optimisers() -> dict:
-    from pseudohealthy.registration import optimise_sitk
+    from pseudohealthy.data.registration import optimise_sitk
 
     return {"sitk": optimise_sitk, "ants": optimise_ants, "dipy": optimise_dipy}
 
@@ -210,8 +210,8 @@ def random_affine(rng: np.random.Generator, centre: np.ndarray) -> np.ndarray:
 
 def moved_volume(volume, motion: np.ndarray):
     """``moved(x) = volume(motion @ x)`` on the volume's own grid (world coordinates)."""
-    from pseudohealthy.io import Volume
-    from pseudohealthy.registration import resample
+    from pseudohealthy.data.io import Volume
+    from pseudohealthy.data.registration import resample
 
     lo = float(volume.data.min())
     data = resample(volume.data, volume.affine, volume.shape, volume.affine, motion, cval=lo, antialias=False)
@@ -221,7 +221,7 @@ def moved_volume(volume, motion: np.ndarray):
 
 
 def moved_volume_mask(volume, mask: np.ndarray, motion: np.ndarray) -> np.ndarray:
-    from pseudohealthy.registration import resample
+    from pseudohealthy.data.registration import resample
 
     moved = resample(
         mask.astype(np.float32), volume.affine, volume.shape, volume.affine, motion, antialias=False
@@ -240,7 +240,7 @@ def displacement(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> float:
 
 
 def ncc(volume, transform, template) -> float:
-    from pseudohealthy.registration import resample
+    from pseudohealthy.data.registration import resample
 
     out = resample(volume.data, volume.affine, template.shape, template.image.affine, transform.matrix)
     a, b = out[template.mask], template.image.data[template.mask]
@@ -252,7 +252,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_library(name: str, optimiser, template, cases, points, moves: int, seed: int) -> dict:
-    from pseudohealthy.registration import map_template_mask, register_to_template
+    from pseudohealthy.data.registration import map_template_mask, register_to_template
 
     rows = {"recovery": [], "dice": [], "ncc": [], "seconds": [], "fail": 0, "n": 0}
     rng = np.random.default_rng(seed)
@@ -327,8 +327,8 @@ def main() -> int:
     if not SHARED.is_dir():
         print(f"shared data not found at {SHARED}", file=sys.stderr)
         return 2
-    from pseudohealthy.io import load_scan
-    from pseudohealthy.registration import load_template
+    from pseudohealthy.data.io import load_scan
+    from pseudohealthy.data.registration import load_template
 
     template = load_template()
     points = brain_points(template)

@@ -3,8 +3,8 @@
 Run: ``.venv/bin/python benchmarks/bench_restore.py [--quick] [--presets paper,cpu] [--json out.json]``.
 For each preset an ensemble of randomly initialised members is written to a temporary folder
 (speed does not depend on the weights) and, on the same slices of the bundled sample scan, the
-engine (:func:`pseudohealthy.restore.restore_volume`: slices batched, members in lockstep,
-autocast on CUDA) is timed against :func:`pseudohealthy.reference.naive_maps` (one member and
+engine (:func:`pseudohealthy.engine.restore.restore_volume`: slices batched, members in lockstep,
+autocast on CUDA) is timed against :func:`pseudohealthy.engine.reference.naive_maps` (one member and
 one slice at a time, float32), which draws the same noise, so both give the same maps (the
 largest difference is printed; with autocast on CUDA it is the mixed-precision error).
 
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pseudohealthy.batching import COMPILE_MODES
+from pseudohealthy.engine.batching import COMPILE_MODES
 
 # dense bf16 tensor-core peak, TFLOP/s, by a fragment of torch.cuda.get_device_name() (first match)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
@@ -50,8 +50,8 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200",
 
 def build_ensemble(folder: Path, preset: str, n_members: int):
     """``n_members`` randomly initialised checkpoints of ``preset`` in ``folder``, loaded."""
-    from pseudohealthy.checkpoint import Ensemble
-    from pseudohealthy.reference import random_ensemble
+    from pseudohealthy.engine.reference import random_ensemble
+    from pseudohealthy.model.checkpoint import Ensemble
 
     return Ensemble.from_dir(random_ensemble(folder, preset, n_members))
 
@@ -71,7 +71,7 @@ def unet_flops(preset: str) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    from pseudohealthy import model
+    from pseudohealthy.model import network as model
 
     def sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(q, k, v)
@@ -148,8 +148,8 @@ def bench_preset(
     The naive loop restores the first ``args.naive_slices`` of them (its cost is linear in the
     slices); one more engine run restores one slice alone (the latency of the slice on screen).
     """
-    from pseudohealthy.reference import naive_maps
-    from pseudohealthy.restore import RestoreSettings, prepare_for, restore_volume
+    from pseudohealthy.engine.reference import naive_maps
+    from pseudohealthy.engine.restore import RestoreSettings, prepare_for, restore_volume
 
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = build_ensemble(Path(tmp), preset, n_members)
@@ -344,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file ('-': stdout)")
     args = parser.parse_args(argv)
 
+    from pseudohealthy.data.io import load_scan
+    from pseudohealthy.data.sample import sample_scan_path
     from pseudohealthy.device import resolve_device
-    from pseudohealthy.io import load_scan
-    from pseudohealthy.sample import sample_scan_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,7 +11,7 @@ Two sources, the same for every (sampler, steps):
   over members; all five when the members record none), as training validation does; metrics
   pooled over the model-frame pixels against the anomaly masks;
 - real: the scan's slices, half with lesion and half without, restored by the engine and
-  scored with :func:`pseudohealthy.evaluate.evaluate_maps` (128 px benchmark frame), beside
+  scored with :func:`pseudohealthy.evaluation.evaluate.evaluate_maps` (128 px benchmark frame), beside
   the intensity baseline.
 
 Writes ``steps.png``, ``steps.md`` and ``steps.json`` to ``--out`` and prints the cheapest
@@ -37,14 +37,14 @@ TOLERANCE = 0.01  # AP_p loss allowed against the reference
 
 def _tiny_ensemble(folder: Path, n_members: int = 2) -> Path:
     """Tiny random members (folds 0.. with their validation tasks) in ``folder``."""
-    from pseudohealthy.reference import random_ensemble
+    from pseudohealthy.engine.reference import random_ensemble
 
     return random_ensemble(folder, "tiny", n_members)
 
 
 def validation_tasks(ensemble) -> tuple[int, ...]:
     """The union of the members' validation tasks (all five when none is recorded)."""
-    from pseudohealthy.anomalies import TASKS, fold_tasks, task_indices
+    from pseudohealthy.data.anomalies import TASKS, fold_tasks, task_indices
 
     tasks: set[int] = set()
     for member in ensemble.members:
@@ -65,7 +65,7 @@ def _spread(values: np.ndarray, n: int) -> np.ndarray:
 
 def synthetic_set(prepared, lesion: np.ndarray, tasks: tuple[int, ...], n: int, seed: int = 0) -> dict:
     """``n`` lesion-free model-frame slices corrupted with ``tasks``: images, masks, foregrounds."""
-    from pseudohealthy.anomalies import Corruptor, keyed_rng
+    from pseudohealthy.data.anomalies import Corruptor, keyed_rng
 
     free = np.array([j for j, k in enumerate(prepared.indices) if not lesion[:, :, k].any()])
     if free.size == 0:
@@ -92,15 +92,15 @@ def restore_frames(
     images: np.ndarray, fg: np.ndarray, ensemble, settings, device: torch.device
 ) -> np.ndarray:
     """Ensemble 1 - SSIM maps of model-frame images ``(N, S, S)`` with the engine's batched loop."""
-    from pseudohealthy.batching import (
+    from pseudohealthy.engine.batching import (
         DEFAULT_T_START,
         _batch_noise,
         _denoise_batch,
         noise_draws,
         run_timesteps,
     )
-    from pseudohealthy.diffusion import from_model_range, to_model_range
-    from pseudohealthy.maps import anomaly_map, ensemble_map
+    from pseudohealthy.engine.maps import anomaly_map, ensemble_map
+    from pseudohealthy.model.diffusion import from_model_range, to_model_range
 
     t_start = settings.t_start if settings.t_start is not None or ensemble.conditioned else DEFAULT_T_START
     n_draws = noise_draws(settings.sampler, len(run_timesteps(settings, ensemble.schedule, t_start)))
@@ -122,8 +122,8 @@ def restore_frames(
 
 
 def _pixel_metrics(maps: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from pseudohealthy.maps import slice_scores
-    from pseudohealthy.metrics import benchmark_metrics
+    from pseudohealthy.engine.maps import slice_scores
+    from pseudohealthy.evaluation.metrics import benchmark_metrics
 
     m = benchmark_metrics(slice_scores(maps), labels.any(axis=(1, 2)), maps, labels, allow_undefined=True)
     return {"ap_pixel": m["ap_pixel"], "best_dice": m["best_dice"]}
@@ -131,8 +131,8 @@ def _pixel_metrics(maps: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def evaluate_config(sampler: str, steps: int, ctx: dict[str, Any]) -> dict[str, Any]:
     """Metrics of one (sampler, steps) on both sources, with seconds and UNet passes per slice."""
-    from pseudohealthy.evaluate import EvalEntry, evaluate_maps
-    from pseudohealthy.restore import RestoreSettings, restore_volume
+    from pseudohealthy.engine.restore import RestoreSettings, restore_volume
+    from pseudohealthy.evaluation.evaluate import EvalEntry, evaluate_maps
 
     settings = RestoreSettings(sampler=sampler, steps=steps, seed=ctx["seed"], device=str(ctx["device"]))
     t0 = time.perf_counter()
@@ -243,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_steps_out"), help="output folder")
     args = parser.parse_args(argv)
 
-    from pseudohealthy.checkpoint import Ensemble
+    from pseudohealthy.data.io import load_mask, load_scan
+    from pseudohealthy.data.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
     from pseudohealthy.device import resolve_device
-    from pseudohealthy.io import load_mask, load_scan
-    from pseudohealthy.restore import prepare_for
-    from pseudohealthy.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
+    from pseudohealthy.engine.restore import prepare_for
+    from pseudohealthy.model.checkpoint import Ensemble
 
     if args.threads:
         torch.set_num_threads(args.threads)

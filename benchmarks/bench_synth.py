@@ -31,8 +31,8 @@ SCANS = (
 
 def load_slices(paths: list[Path], size: int) -> list:
     """Prepared scans (model-frame slices) of the benchmark volumes."""
-    from pseudohealthy.io import load_scan
-    from pseudohealthy.preprocess import prepare_scan
+    from pseudohealthy.data.io import load_scan
+    from pseudohealthy.data.preprocess import prepare_scan
 
     return [prepare_scan(load_scan(p), size=size) for p in paths]
 
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in sys.modules:  # not needed by the tasks; keep any torch work single-threaded
         sys.modules["torch"].set_num_threads(1)
 
-    from pseudohealthy.anomalies import TASKS, Corruptor, apply_task, load_inter_sources, sample_rng
-    from pseudohealthy.anomalies.scan import intra_sources_for
+    from pseudohealthy.data.anomalies import TASKS, Corruptor, apply_task, load_inter_sources, sample_rng
+    from pseudohealthy.data.anomalies.scan import intra_sources_for
 
     n = args.n or (100 if args.quick else 400)
     paths = [DATA / s for s in (SCANS[:1] if args.quick else SCANS)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pseudohealthy.checkpoint import RESERVED, Ensemble, load_checkpoint, save_checkpoint
+from pseudohealthy.model.checkpoint import RESERVED, Ensemble, load_checkpoint, save_checkpoint
 
 
 def export(run_dir: Path, out_dir: Path, half: bool = False) -> list[Path]:

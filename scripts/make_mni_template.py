@@ -11,7 +11,7 @@ bounding box of the FSL MNI152 grid on which the MSLUB scans are stored):
   resampled, uint8 0..255;
 - ``mni152_brainmask_2mm.nii.gz``: brain incl. CSF, uint8 0/1: template T1 > 0 inside
   GM+WM > 0.5 dilated by 4 mm, holes filled per axial slice and in 3D, largest component
-  (:func:`pseudohealthy.registration.template_brain_mask`), then resampled (> 0.5).
+  (:func:`pseudohealthy.data.registration.template_brain_mask`), then resampled (> 0.5).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from pseudohealthy.registration import template_brain_mask
+from pseudohealthy.data.registration import template_brain_mask
 
 T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 GM = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"

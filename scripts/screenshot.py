@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from pseudohealthy.cli.view import open_viewer
+    from pseudohealthy.data.sample import demo_ensemble_path
     from pseudohealthy.napari._layers import go_to_axial, layer_frame
-    from pseudohealthy.sample import demo_ensemble_path
 
     ensemble = args.ensemble or demo_ensemble_path()
     if ensemble is None:

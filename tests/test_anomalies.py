@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.linalg import spsolve
 
-from pseudohealthy.anomalies import (
+from pseudohealthy.data.anomalies import (
     FOLDS,
     TASKS,
     Corruptor,
@@ -26,14 +26,14 @@ from pseudohealthy.anomalies import (
     task_index,
     worker_rng,
 )
-from pseudohealthy.anomalies import corrupt as corrupt_module
-from pseudohealthy.anomalies.deform import exponent_for_push, max_push_fraction, radial_map
-from pseudohealthy.anomalies.intensity import fractal_noise
-from pseudohealthy.anomalies.scan import intra_sources_for
+from pseudohealthy.data.anomalies import corrupt as corrupt_module
+from pseudohealthy.data.anomalies.deform import exponent_for_push, max_push_fraction, radial_map
+from pseudohealthy.data.anomalies.intensity import fractal_noise
+from pseudohealthy.data.anomalies.scan import intra_sources_for
+from pseudohealthy.data.io import load_scan
+from pseudohealthy.data.preprocess import prepare_scan
 from pseudohealthy.errors import ScanError
-from pseudohealthy.gallery import save_gallery
-from pseudohealthy.io import load_scan
-from pseudohealthy.preprocess import prepare_scan
+from pseudohealthy.figures.gallery import save_gallery
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pseudohealthy.checkpoint import (
+from pseudohealthy.errors import CheckpointError
+from pseudohealthy.model.checkpoint import (
     INFO_FILE,
     WEIGHTS_FILE,
     Ensemble,
@@ -20,9 +21,8 @@ from pseudohealthy.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pseudohealthy.diffusion import Schedule
-from pseudohealthy.errors import CheckpointError
-from pseudohealthy.model import ConditionedUNet, build_model, get_preset
+from pseudohealthy.model.diffusion import Schedule
+from pseudohealthy.model.network import ConditionedUNet, build_model, get_preset
 
 META = {
     "modality": "T2",

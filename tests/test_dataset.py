@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pseudohealthy.anomalies import fold_tasks
-from pseudohealthy.dataset import (
+from pseudohealthy.data.anomalies import fold_tasks
+from pseudohealthy.data.dataset import (
     CorruptedSliceDataset,
     EpochBatchSampler,
     HealthySlices,

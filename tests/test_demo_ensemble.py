@@ -10,11 +10,11 @@ import json
 import numpy as np
 import pytest
 
-from pseudohealthy.anomalies import TASKS as ALL_TASKS
-from pseudohealthy.checkpoint import Ensemble
-from pseudohealthy.io import load_scan
-from pseudohealthy.restore import RestoreSettings, restore_volume
-from pseudohealthy.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
+from pseudohealthy.data.anomalies import TASKS as ALL_TASKS
+from pseudohealthy.data.io import load_scan
+from pseudohealthy.data.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
+from pseudohealthy.engine.restore import RestoreSettings, restore_volume
+from pseudohealthy.model.checkpoint import Ensemble
 
 TASKS = set(ALL_TASKS)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from pseudohealthy.diffusion import (
+from pseudohealthy.model.diffusion import (
     Schedule,
     denoise_steps,
     from_model_range,
@@ -18,7 +18,7 @@ from pseudohealthy.diffusion import (
     to_model_range,
     training_loss,
 )
-from pseudohealthy.model import ConfigError, build_model
+from pseudohealthy.model.network import ConfigError, build_model
 
 SHAPE = (2, 1, 8, 8)
 

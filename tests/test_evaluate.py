@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-import pseudohealthy.evaluate as ev
+import pseudohealthy.evaluation.evaluate as ev
 from conftest import phantom, write_nifti
 from pseudohealthy.cli import main
-from pseudohealthy.io import load_mask, load_scan, save_like
-from pseudohealthy.metrics import MetricsError
-from pseudohealthy.preprocess import foreground_mask
+from pseudohealthy.data.io import load_mask, load_scan, save_like
+from pseudohealthy.data.preprocess import foreground_mask
+from pseudohealthy.evaluation.metrics import MetricsError
 
 KEYS = {"ap_image", "auroc", "ap_pixel", "best_dice", "dice_at_5fpr", "n_slices", "n_volumes"}
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -110,7 +110,7 @@ def _forbid_restore(monkeypatch):
         raise AssertionError("restore must not be called when maps exist")
 
     monkeypatch.setattr(ev, "restore_anomaly", boom)
-    monkeypatch.setattr("pseudohealthy.checkpoint.Ensemble.from_dir", boom)
+    monkeypatch.setattr("pseudohealthy.model.checkpoint.Ensemble.from_dir", boom)
 
 
 def _check_outputs(out: Path) -> dict:
@@ -171,7 +171,7 @@ def test_cli_pairs_csv_restores_once_then_reuses(tmp_path, monkeypatch):
         return _blurred(lesion, foreground_mask(volume.data))
 
     monkeypatch.setattr(ev, "restore_anomaly", fake_restore)
-    monkeypatch.setattr("pseudohealthy.checkpoint.Ensemble.from_dir", lambda path: "ENSEMBLE")
+    monkeypatch.setattr("pseudohealthy.model.checkpoint.Ensemble.from_dir", lambda path: "ENSEMBLE")
     monkeypatch.setattr("pseudohealthy.cli.evaluate._settings", lambda args: {"steps": args.steps})
     out = tmp_path / "out"
     argv = ["-q", "evaluate", "--pairs", str(csv), "--ensemble", str(tmp_path / "ens"), "--size", "32"]
@@ -227,7 +227,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_thin_curve_keeps_ends_and_shape():
-    from pseudohealthy.plots import thin_curve
+    from pseudohealthy.figures.plots import thin_curve
 
     x = np.linspace(0, 1, 100_000)
     y = 1 - x**3

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import phantom, write_nifti
+from pseudohealthy.data.io import load_mask, load_scan, save_like, scan_name, to_source, volume_from_array
 from pseudohealthy.errors import ScanError, ScanWarning
-from pseudohealthy.io import load_mask, load_scan, save_like, scan_name, to_source, volume_from_array
 
 ORIENTED = {
     "PSR": "healthy/ixi_t1/IXI260-HH-1805_T1.nii.gz",

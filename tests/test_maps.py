@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from pseudohealthy.maps import WIN_SIZE, anomaly_map, ensemble_map, slice_scores, volume_score
+from pseudohealthy.engine.maps import WIN_SIZE, anomaly_map, ensemble_map, slice_scores, volume_score
 
 
 def _brain(n: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from pseudohealthy.device import (
     available_devices,
     resolve_device,
 )
-from pseudohealthy.model import (
+from pseudohealthy.model.network import (
     PRESETS,
     ConditionedUNet,
     ConfigError,

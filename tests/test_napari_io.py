@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from pseudohealthy.io import load_scan, to_source
+from pseudohealthy.data.io import load_scan, to_source
+from pseudohealthy.data.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
 from pseudohealthy.napari._layers import (
     canonical_view,
     current_axial_index,
@@ -24,7 +25,6 @@ from pseudohealthy.napari._layers import (
 )
 from pseudohealthy.napari._reader import napari_get_reader, read_one
 from pseudohealthy.napari._writer import write_image, write_labels
-from pseudohealthy.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
 
 REPO = Path(__file__).resolve().parents[1]
 BRATS = "lesion/brats2013/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz"

@@ -34,7 +34,8 @@ def tiny_ensemble(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two untrained tiny members (32 px) with the metadata a trained ensemble carries."""
     import torch
 
-    from pseudohealthy import checkpoint, model
+    from pseudohealthy.model import checkpoint
+    from pseudohealthy.model import network as model
 
     root = tmp_path_factory.mktemp("ensemble")
     cfg = model.get_preset("tiny")
@@ -171,7 +172,7 @@ def test_restore_end_to_end(
 def test_cancel_keeps_finished_slices(
     make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
 ) -> None:
-    from pseudohealthy.restore import SliceResult
+    from pseudohealthy.engine.restore import SliceResult
 
     viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
     widget = RestoreWidget(viewer)

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 
 from conftest import phantom
-from pseudohealthy.errors import ScanError
-from pseudohealthy.io import load_mask, load_scan, volume_from_array
-from pseudohealthy.preprocess import (
+from pseudohealthy.data.io import load_mask, load_scan, volume_from_array
+from pseudohealthy.data.preprocess import (
     SliceGeometry,
     background_value,
     foreground_mask,
     normalise,
     prepare_scan,
 )
+from pseudohealthy.errors import ScanError
 
 BRATS = "lesion/brats2013/brats_2013_pat0003_1"
 

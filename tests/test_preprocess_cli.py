@@ -1,4 +1,4 @@
-"""`pseudohealthy preprocess` and `pseudohealthy.registration`: known-affine recovery on a real scan,
+"""`pseudohealthy preprocess` and `pseudohealthy.data.registration`: known-affine recovery on a real scan,
 output geometry, atlas skull stripping vs the MSLUB brain, refusals, and the MSLUB protocol (tiny)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import SimpleITK  # noqa: F401  (the preprocess extra that setup.sh installs; fail loudly if missing)
 
 from conftest import phantom
-from pseudohealthy import registration as reg
 from pseudohealthy.cli import main
+from pseudohealthy.data import registration as reg
+from pseudohealthy.data.io import load_scan
 from pseudohealthy.errors import ScanWarning
-from pseudohealthy.io import load_scan
 
 IXI = ("IXI132-HH-1415_T1.nii.gz", "IXI162-HH-1548_T1.nii.gz")  # the first two, as the protocol takes
 MNI_SHAPE = (91, 109, 91)

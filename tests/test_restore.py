@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from conftest import phantom
-from pseudohealthy import batching, checkpoint, model, restore
-from pseudohealthy.checkpoint import Ensemble
+from pseudohealthy.data.io import volume_from_array
 from pseudohealthy.device import DeviceError
-from pseudohealthy.errors import PseudohealthyError, ScanError
-from pseudohealthy.io import volume_from_array
-from pseudohealthy.maps import volume_score
-from pseudohealthy.restore import (
+from pseudohealthy.engine import batching, restore
+from pseudohealthy.engine.maps import volume_score
+from pseudohealthy.engine.restore import (
     Progress,
     RestoreSettings,
     SettingsError,
@@ -25,6 +23,10 @@ from pseudohealthy.restore import (
     restore_iter,
     restore_volume,
 )
+from pseudohealthy.errors import PseudohealthyError, ScanError
+from pseudohealthy.model import checkpoint
+from pseudohealthy.model import network as model
+from pseudohealthy.model.checkpoint import Ensemble
 
 MEMBERS = ("fold0", "fold1", "fold2")
 
@@ -211,7 +213,7 @@ def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, capl
 
     expected = _results(restore_iter(volume, ensemble, _fast(batch_size=1), slices=[3, 4, 5, 6]))
     monkeypatch.setattr(restore, "_denoise_batch", flaky)
-    with caplog.at_level(logging.WARNING, logger="pseudohealthy.restore"):
+    with caplog.at_level(logging.WARNING, logger="pseudohealthy.engine.restore"):
         got = _results(restore_iter(volume, ensemble, _fast(batch_size=4), slices=[3, 4, 5, 6]))
     assert sizes == [4, 2, 1, 1, 1, 1]
     assert "out of memory" in caplog.text

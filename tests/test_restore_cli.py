@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from pseudohealthy import __version__, checkpoint, model
+from pseudohealthy import __version__
 from pseudohealthy.cli import main
 from pseudohealthy.cli.restore import collect_scans, parse_slices
+from pseudohealthy.data.io import load_scan
 from pseudohealthy.errors import PseudohealthyError
-from pseudohealthy.io import load_scan
+from pseudohealthy.model import checkpoint
+from pseudohealthy.model import network as model
 
 BRATS = "lesion/brats2013/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz"  # 240x240x155, LPS
 FAST = ["--sampler", "ddim", "--steps", "2", "--device", "cpu"]

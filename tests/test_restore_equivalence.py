@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import phantom
-from pseudohealthy.checkpoint import Ensemble
-from pseudohealthy.io import volume_from_array
-from pseudohealthy.reference import naive_maps, random_ensemble
-from pseudohealthy.restore import RestoreSettings, prepare_for, restore_volume
+from pseudohealthy.data.io import volume_from_array
+from pseudohealthy.engine.reference import naive_maps, random_ensemble
+from pseudohealthy.engine.restore import RestoreSettings, prepare_for, restore_volume
+from pseudohealthy.model.checkpoint import Ensemble
 
 TOLERANCE = 1e-4  # max abs difference of the ensemble maps (float32 on the CPU, batch 3 vs 1)
 SLICES = [4, 6, 7]

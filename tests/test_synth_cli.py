@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pseudohealthy.anomalies import TASKS
 from pseudohealthy.cli import main
+from pseudohealthy.data.anomalies import TASKS
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "brats2013_pat0006_flair.nii.gz"
 

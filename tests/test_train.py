@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pseudohealthy.checkpoint import Ensemble, load_checkpoint
 from pseudohealthy.cli import main
-from pseudohealthy.dataset import HealthySlices, collect_scans
-from pseudohealthy.ema import EMA, ema_decay
-from pseudohealthy.train import LATEST, STATE_DIR, EarlyStop, TrainConfig, TrainError, train_member
+from pseudohealthy.data.dataset import HealthySlices, collect_scans
+from pseudohealthy.model.checkpoint import Ensemble, load_checkpoint
+from pseudohealthy.model.ema import EMA, ema_decay
+from pseudohealthy.training.train import LATEST, STATE_DIR, EarlyStop, TrainConfig, TrainError, train_member
 
 SIZE = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

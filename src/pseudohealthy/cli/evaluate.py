@@ -64,7 +64,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _cases(args: argparse.Namespace):
-    from pseudohealthy.evaluate import cases_from_csv, cases_from_dir, cases_from_lists
+    from pseudohealthy.evaluation.evaluate import cases_from_csv, cases_from_dir, cases_from_lists
 
     modes = [bool(args.scans or args.masks), args.pairs is not None, args.dataset_dir is not None]
     if sum(modes) != 1:
@@ -100,7 +100,7 @@ def _check(args: argparse.Namespace, cases) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from pseudohealthy.restore import RestoreSettings
+    from pseudohealthy.engine.restore import RestoreSettings
 
     return RestoreSettings(
         sampler=args.sampler,
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     """Gather the test set, get the maps, pool, write metrics.json and the plots; returns 0."""
     from tqdm import tqdm
 
-    from pseudohealthy.evaluate import (
+    from pseudohealthy.evaluation.evaluate import (
         case_entries,
         evaluate_maps,
         find_restoration,
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     restore_settings = _settings(args) if missing else None
 
     def load_ensemble():
-        from pseudohealthy.checkpoint import Ensemble
+        from pseudohealthy.model.checkpoint import Ensemble
 
         return Ensemble.from_dir(args.ensemble)
 

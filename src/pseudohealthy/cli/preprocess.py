@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
-log = logging.getLogger("pseudohealthy.preprocess")
+log = logging.getLogger("pseudohealthy.data.preprocess")
 SUFFIXES = ("_preprocessed.nii.gz", "_brainmask.nii.gz", "_transform.json")
 MASK_SUFFIX = "_mask.nii.gz"
 
@@ -93,7 +93,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _scans(args: argparse.Namespace) -> list[Path]:
-    from pseudohealthy.dataset import collect_scans
+    from pseudohealthy.data.dataset import collect_scans
 
     return [scan for scan, _ in collect_scans(args.scans, "none")]
 
@@ -119,7 +119,7 @@ def outputs_for(out_dir: Path, name: str) -> tuple[Path, Path, Path]:
 
 def _check_outputs(args: argparse.Namespace, scans: list[Path], masks: list[Path | None]) -> None:
     """Refuse colliding names, outputs onto inputs and (without --overwrite) existing outputs."""
-    from pseudohealthy.io import scan_name
+    from pseudohealthy.data.io import scan_name
 
     names = [scan_name(s) for s in scans]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -172,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
     """Preprocess every scan; returns 0."""
     from tqdm import tqdm
 
-    from pseudohealthy import registration as reg
-    from pseudohealthy.io import load_mask, load_scan, save_like
+    from pseudohealthy.data import registration as reg
+    from pseudohealthy.data.io import load_mask, load_scan, save_like
 
     quiet = bool(getattr(args, "quiet", False))
     if args.voxel_size is not None and args.space != "mni":

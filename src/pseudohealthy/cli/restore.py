@@ -105,7 +105,7 @@ def _is_nifti(path: Path) -> bool:
 
 
 def _is_output(path: Path) -> bool:
-    from pseudohealthy.io import scan_name
+    from pseudohealthy.data.io import scan_name
 
     name = scan_name(path)
     return name.endswith(OUTPUT_SUFFIXES) or "_anomaly_" in name
@@ -179,8 +179,8 @@ def restore_scan(
     import numpy as np
 
     from pseudohealthy import __version__
-    from pseudohealthy.io import load_mask, load_scan, save_like, scan_name
-    from pseudohealthy.restore import restore_volume
+    from pseudohealthy.data.io import load_mask, load_scan, save_like, scan_name
+    from pseudohealthy.engine.restore import restore_volume
 
     quiet = bool(getattr(args, "quiet", False))
     if not path.exists():
@@ -209,7 +209,7 @@ def restore_scan(
         for m, member in enumerate(result.members):
             save_like(result.member_maps[m], volume, outputs[f"anomaly_{member}"], overwrite=args.overwrite)
     if preview:
-        from pseudohealthy.preview import pick_slices, save_preview
+        from pseudohealthy.figures.preview import pick_slices, save_preview
 
         lesion = load_mask(args.lesion_mask, volume) if getattr(args, "lesion_mask", None) else None
         save_preview(
@@ -254,9 +254,9 @@ def restore_scan(
 
 def run(args: argparse.Namespace) -> int:
     """Restore every scan; a bad scan is reported in one line and skipped. Returns 0, or 2 if any failed."""
-    from pseudohealthy.checkpoint import Ensemble
     from pseudohealthy.device import resolve_device
-    from pseudohealthy.restore import RestoreSettings
+    from pseudohealthy.engine.restore import RestoreSettings
+    from pseudohealthy.model.checkpoint import Ensemble
 
     steps = args.steps if args.steps is not None else (DPM_STEPS if args.sampler == "dpm" else 50)
     settings = RestoreSettings(

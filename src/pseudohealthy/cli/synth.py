@@ -43,7 +43,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _tasks(spec: str) -> tuple[int, ...]:
-    from pseudohealthy.anomalies import TASKS, task_indices
+    from pseudohealthy.data.anomalies import TASKS, task_indices
 
     if spec.strip().lower() == "all":
         return tuple(range(len(TASKS)))
@@ -61,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
     """Corrupt, map back, write; returns 0."""
     from tqdm import tqdm
 
-    from pseudohealthy.anomalies import TASKS, load_inter_sources
-    from pseudohealthy.anomalies.scan import corrupt_scan, pick_positions
-    from pseudohealthy.gallery import save_gallery
-    from pseudohealthy.io import load_mask, load_scan, save_like
-    from pseudohealthy.preprocess import prepare_scan
+    from pseudohealthy.data.anomalies import TASKS, load_inter_sources
+    from pseudohealthy.data.anomalies.scan import corrupt_scan, pick_positions
+    from pseudohealthy.data.io import load_mask, load_scan, save_like
+    from pseudohealthy.data.preprocess import prepare_scan
+    from pseudohealthy.figures.gallery import save_gallery
 
     quiet = bool(getattr(args, "quiet", False))
     tasks = _tasks(args.task)

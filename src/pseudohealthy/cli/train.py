@@ -10,7 +10,7 @@ from typing import Any
 
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
-log = logging.getLogger("pseudohealthy.train")
+log = logging.getLogger("pseudohealthy.training.train")
 
 # CLI option -> TrainConfig field
 _FIELDS = {
@@ -125,7 +125,7 @@ def _auto_workers(device_type: str) -> int:
 
 
 def _lesion_masks(args: argparse.Namespace, scans: list) -> list[Path | None] | None:
-    from pseudohealthy.dataset import companion_path
+    from pseudohealthy.data.dataset import companion_path
 
     if args.lesion_masks and args.lesion_masks_pattern:
         raise PseudohealthyError("give lesion masks either with --lesion-masks or --lesion-masks-pattern")
@@ -144,7 +144,7 @@ def _lesion_masks(args: argparse.Namespace, scans: list) -> list[Path | None] | 
 
 def _config(args: argparse.Namespace, folds: list[int], device_type: str) -> Any:
     """TrainConfig from: options given > the settings of a run being resumed > preset defaults."""
-    from pseudohealthy.train import TrainConfig, member_dir, read_saved_config
+    from pseudohealthy.training.train import TrainConfig, member_dir, read_saved_config
 
     given = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt) is not None}
     if "inter_dir" in given:
@@ -179,8 +179,8 @@ def _config(args: argparse.Namespace, folds: list[int], device_type: str) -> Any
 
 
 def _check_outputs(args: argparse.Namespace, folds: list[int]) -> None:
-    from pseudohealthy.checkpoint import is_checkpoint_dir
-    from pseudohealthy.train import LATEST, STATE_DIR, member_dir
+    from pseudohealthy.model.checkpoint import is_checkpoint_dir
+    from pseudohealthy.training.train import LATEST, STATE_DIR, member_dir
 
     if args.resume:
         return
@@ -194,8 +194,8 @@ def _check_outputs(args: argparse.Namespace, folds: list[int]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the data once, then train each fold; returns 0."""
-    from pseudohealthy.dataset import HealthySlices, collect_scans
-    from pseudohealthy.train import init_distributed, train_ensemble
+    from pseudohealthy.data.dataset import HealthySlices, collect_scans
+    from pseudohealthy.training.train import init_distributed, train_ensemble
 
     folds = parse_folds(args.fold, args.folds)
     dist_info, device = init_distributed(args.device)

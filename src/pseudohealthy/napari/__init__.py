@@ -13,11 +13,11 @@ __all__ = ["RestoreWidget", "ThresholdWidget"]
 
 def __getattr__(name: str) -> Any:
     if name == "RestoreWidget":
-        from ._restore_widget import RestoreWidget
+        from pseudohealthy.napari._restore_widget import RestoreWidget
 
         return RestoreWidget
     if name == "ThresholdWidget":
-        from ._threshold_widget import ThresholdWidget
+        from pseudohealthy.napari._threshold_widget import ThresholdWidget
 
         return ThresholdWidget
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from nibabel import orientations as ornts
 
-from ..errors import ScanError
-from ..io import Volume, volume_from_array
+from pseudohealthy.data.io import Volume, volume_from_array
+from pseudohealthy.errors import ScanError
 
 if TYPE_CHECKING:
     import napari

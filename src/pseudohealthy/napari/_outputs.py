@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._layers import NIFTI_KEY, geometry_kwargs
+from pseudohealthy.napari._layers import NIFTI_KEY, geometry_kwargs
 
 if TYPE_CHECKING:
     import napari

@@ -1,7 +1,7 @@
 """napari reader for NIfTI (.nii, .nii.gz): canonical RAS+ voxels + their full affine.
 
 Every file opens reoriented to closest-canonical RAS+ (the library's convention, the same as
-:func:`pseudohealthy.io.load_scan`), with the canonical 4x4 affine as the layer ``affine``: so
+:func:`pseudohealthy.data.io.load_scan`), with the canonical 4x4 affine as the layer ``affine``: so
 napari's world coordinates are the file's RAS+ millimetres, only a residual rotation (oblique
 scans) is left to the affine, and permuted files (e.g. PSR) display without napari having to
 slice through a permutation. Images are validated by ``load_scan``; label-like files (integer
@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornts
 
-from ..io import load_scan, scan_name
-from ._layers import NIFTI_KEY, RAS_LABELS
+from pseudohealthy.data.io import load_scan, scan_name
+from pseudohealthy.napari._layers import NIFTI_KEY, RAS_LABELS
 
 LABEL_NAME = re.compile(r"(mask|seg|label|lesion|roi|annot)", re.IGNORECASE)
 MAX_LABELS_UNNAMED = 16  # integer files with at most this many values open as Labels

@@ -1,7 +1,7 @@
 """Dock widget that restores slices of an image layer with an ensemble, in a worker thread.
 
 No model logic lives here: the widget turns its controls into a :class:`RestoreSettings`, runs
-:func:`pseudohealthy.restore.restore_iter` in a ``thread_worker`` generator and writes every
+:func:`pseudohealthy.engine.restore.restore_iter` in a ``thread_worker`` generator and writes every
 finished slice into the three output layers on the GUI thread.
 """
 
@@ -34,10 +34,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..errors import PseudohealthyError
-from ..sample import demo_ensemble_path
-from ._layers import Frame, canonical_view, current_axial_index, layer_frame, layer_volume, show_axial
-from ._outputs import (
+from pseudohealthy.data.sample import demo_ensemble_path
+from pseudohealthy.errors import PseudohealthyError
+from pseudohealthy.napari._layers import (
+    Frame,
+    canonical_view,
+    current_axial_index,
+    layer_frame,
+    layer_volume,
+    show_axial,
+)
+from pseudohealthy.napari._outputs import (
     DEFAULT_THRESHOLD,
     OutputLayers,
     ensure_outputs,
@@ -46,7 +53,7 @@ from ._outputs import (
     set_record,
     threshold_mask,
 )
-from ._settings import SAMPLERS, WidgetSettings, load_settings, save_settings
+from pseudohealthy.napari._settings import SAMPLERS, WidgetSettings, load_settings, save_settings
 
 if TYPE_CHECKING:
     import napari
@@ -109,8 +116,8 @@ def _restore_job(
     volume: Any, ensemble_dir: str, members: list[str], settings: Any, slices: list[int], stop: Any
 ) -> Iterator[Any]:
     """Generator run in the worker thread: load the ensemble, then restore the slices."""
-    from ..checkpoint import Ensemble
-    from ..restore import Progress, restore_iter
+    from pseudohealthy.engine.restore import Progress, restore_iter
+    from pseudohealthy.model.checkpoint import Ensemble
 
     try:
         yield Progress(0, len(slices), "loading the ensemble")
@@ -329,7 +336,7 @@ class RestoreWidget(QWidget):
     # ------------------------------------------------------------------ ensemble
     def set_ensemble(self, path: str | Path, members: list[str] | None = None) -> bool:
         """List the members of the ensemble folder ``path`` (checked: ``members``, default all)."""
-        from ..checkpoint import Ensemble
+        from pseudohealthy.model.checkpoint import Ensemble
 
         self.ensemble_edit.setText(str(path))
         self._ensemble_path = str(path)
@@ -389,7 +396,7 @@ class RestoreWidget(QWidget):
             first=self.first_spin.value(),
             last=self.last_spin.value(),
         )
-        from ..restore import RestoreSettings
+        from pseudohealthy.engine.restore import RestoreSettings
 
         settings = RestoreSettings(sampler=ws.sampler, steps=ws.steps, seed=ws.seed, device=ws.device)
         self._prepare_outputs(layer, volume, ws, members, slices)
@@ -483,7 +490,7 @@ class RestoreWidget(QWidget):
             self.cancel_button.setEnabled(False)
 
     def _on_yielded(self, item: Any) -> None:
-        from ..restore import Progress
+        from pseudohealthy.engine.restore import Progress
 
         if isinstance(item, Failed):
             self._on_error(item.error)
@@ -569,7 +576,7 @@ class RestoreWidget(QWidget):
 
 
 def _devices() -> list[str]:
-    from ..device import available_devices
+    from pseudohealthy.device import available_devices
 
     return available_devices()
 

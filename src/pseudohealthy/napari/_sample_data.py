@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..sample import sample_mask_path, sample_scan_path
-from ._reader import LayerData, read_one
+from pseudohealthy.data.sample import sample_mask_path, sample_scan_path
+from pseudohealthy.napari._reader import LayerData, read_one
 
 
 def sample_scan() -> list[LayerData]:

@@ -18,8 +18,15 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ._layers import Frame, canonical_view, current_axial_index, go_to_axial, layer_frame, show_axial
-from ._outputs import (
+from pseudohealthy.napari._layers import (
+    Frame,
+    canonical_view,
+    current_axial_index,
+    go_to_axial,
+    layer_frame,
+    show_axial,
+)
+from pseudohealthy.napari._outputs import (
     DEFAULT_THRESHOLD,
     find_output,
     record,

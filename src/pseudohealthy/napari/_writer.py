@@ -1,7 +1,7 @@
 """napari writers: image and labels layers back to NIfTI in the source scan's geometry.
 
 When the layer remembers its source file (``metadata["source_path"]``) and still sits on its
-grid (in any orientation), the file is written with :func:`pseudohealthy.io.save_like`: voxels
+grid (in any orientation), the file is written with :func:`pseudohealthy.data.io.save_like`: voxels
 in the source's stored order, its affine and header. Otherwise the layer's data are written as
 they are, with the layer's data->world transform (as RAS) for the affine.
 """
@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornts
 
-from ..errors import ScanError
-from ..io import Volume, load_scan, save_like
-from ._layers import NIFTI_KEY, as_3d, ras_from_world
+from pseudohealthy.data.io import Volume, load_scan, save_like
+from pseudohealthy.errors import ScanError
+from pseudohealthy.napari._layers import NIFTI_KEY, as_3d, ras_from_world
 
 
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:

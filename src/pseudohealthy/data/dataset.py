@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .anomalies import Corruptor, keyed_rng, sample_rng, task_indices
-from .errors import PseudohealthyError, ScanError
-from .io import load_mask, load_scan, scan_name
-from .preprocess import prepare_scan
+from pseudohealthy.data.anomalies import Corruptor, keyed_rng, sample_rng, task_indices
+from pseudohealthy.data.io import load_mask, load_scan, scan_name
+from pseudohealthy.data.preprocess import prepare_scan
+from pseudohealthy.errors import PseudohealthyError, ScanError
 
 __all__ = [
     "MASK_WORDS",

@@ -1,8 +1,8 @@
 """The naive reference loop: every member, every slice, one at a time, in float32.
 
 The pattern of the reference release (no batching, no autocast), kept as the yardstick of the
-engine (:mod:`pseudohealthy.restore`): it draws the same per-slice noise
-(:func:`~pseudohealthy.batching.slice_seed`), so for the same settings it must give the same maps
+engine (:mod:`pseudohealthy.engine.restore`): it draws the same per-slice noise
+(:func:`~pseudohealthy.engine.batching.slice_seed`), so for the same settings it must give the same maps
 (``tests/test_restore_equivalence.py``) and ``benchmarks/bench_restore.py`` times both.
 """
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pseudohealthy.batching import DEFAULT_T_START, noise_draws, run_timesteps, slice_seed
-from pseudohealthy.checkpoint import Ensemble
-from pseudohealthy.diffusion import denoise_steps, from_model_range, slice_noise, to_model_range
-from pseudohealthy.maps import anomaly_map, ensemble_map
-from pseudohealthy.preprocess import PreparedScan
-from pseudohealthy.restore import RestoreSettings
+from pseudohealthy.data.preprocess import PreparedScan
+from pseudohealthy.engine.batching import DEFAULT_T_START, noise_draws, run_timesteps, slice_seed
+from pseudohealthy.engine.maps import anomaly_map, ensemble_map
+from pseudohealthy.engine.restore import RestoreSettings
+from pseudohealthy.model.checkpoint import Ensemble
+from pseudohealthy.model.diffusion import denoise_steps, from_model_range, slice_noise, to_model_range
 
 __all__ = ["naive_maps"]
 
@@ -74,7 +74,8 @@ def random_ensemble(folder: Path, preset: str = "tiny", n_members: int = 2) -> P
     For speed benchmarks and equivalence tests: the output head is set non-zero, so that the
     sampler does real work. Member ``m`` is seeded with ``m``; returns ``folder``.
     """
-    from pseudohealthy import checkpoint, model
+    from pseudohealthy.model import checkpoint
+    from pseudohealthy.model import network as model
 
     cfg = model.get_preset(preset)
     for m in range(n_members):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import uuid
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -14,7 +13,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornts
 
-from .errors import ScanError, ScanWarning
+from pseudohealthy.data.files import atomic_write, is_temporary_name
+from pseudohealthy.errors import ScanError, ScanWarning
 
 MAX_DIM = 2048
 MAX_VOXELS = 512**3
@@ -54,14 +54,19 @@ class Volume:
 def scan_name(path: str | Path) -> str:
     """File name without ``.nii`` / ``.nii.gz``."""
     name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
+    for ext in NIFTI_SUFFIXES:
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
 
 
-def _is_nifti_name(path: Path) -> bool:
-    return path.name.lower().endswith((".nii", ".nii.gz"))
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+"""File name endings of NIfTI files (the only rule of what counts as one)."""
+
+
+def is_nifti_name(path: str | Path) -> bool:
+    """True for a ``.nii`` / ``.nii.gz`` name that is not a temporary name of an unfinished write."""
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES) and not is_temporary_name(path)
 
 
 def _open_image(path: Path) -> nib.spatialimages.SpatialImage:
@@ -70,7 +75,7 @@ def _open_image(path: Path) -> nib.spatialimages.SpatialImage:
         raise ScanError(path, "file not found")
     if path.is_dir():
         raise ScanError(path, "is a directory, not a NIfTI file")
-    if not _is_nifti_name(path):
+    if not is_nifti_name(path):
         raise ScanError(path, "not a NIfTI file (expected a .nii or .nii.gz name)")
     if path.name.lower().endswith(".gz"):
         with open(path, "rb") as fh:
@@ -195,8 +200,12 @@ def _read(path: str | Path, *, constant_ok: bool) -> tuple[nib.Nifti1Image, np.n
     return img, data, shape3
 
 
-def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient a 3D array to closest canonical RAS+ (same rule as nib.as_closest_canonical)."""
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an array (3D, or more with the extra axes last) to closest canonical RAS+.
+
+    The one rule of canonical orientation in the project (that of nib.as_closest_canonical);
+    returns the reoriented array and its affine.
+    """
     ornt = ornts.io_orientation(affine)
     canon = ornts.apply_orientation(data, ornt)
     canon_affine = affine @ ornts.inv_ornt_aff(ornt, data.shape)
@@ -211,7 +220,7 @@ def load_scan(path: str | Path) -> Volume:
     """
     path = Path(path)
     img, data, shape3 = _read(path, constant_ok=False)
-    canon, canon_affine = _to_canonical(data, img.affine)
+    canon, canon_affine = to_canonical(data, img.affine)
     _check_slice_plane(canon.shape, path)
     header = img.header.copy()
     return Volume(canon, canon_affine, header, np.array(img.affine, dtype=float), shape3, path)
@@ -221,7 +230,7 @@ def load_mask(path: str | Path, like: Volume) -> np.ndarray:
     """Load a mask (voxels > 0.5 are in) as a canonical bool array on the grid of ``like``."""
     path = Path(path)
     img, data, _ = _read(path, constant_ok=True)
-    canon, canon_affine = _to_canonical(data, img.affine)
+    canon, canon_affine = to_canonical(data, img.affine)
     if canon.shape != like.data.shape:
         raise ScanError(
             path,
@@ -250,7 +259,7 @@ def volume_from_array(data: np.ndarray, affine: np.ndarray | None = None, name: 
     arr = _check_values(arr, None)
     img = nib.Nifti1Image(arr, affine)
     img.update_header()
-    canon, canon_affine = _to_canonical(arr, affine)
+    canon, canon_affine = to_canonical(arr, affine)
     _check_slice_plane(canon.shape, None)
     return Volume(canon, canon_affine, img.header.copy(), affine, tuple(arr.shape), None, name)
 
@@ -289,7 +298,7 @@ def save_like(
     onto ``like.path``; refuses an existing file unless ``overwrite``; writes atomically.
     """
     path = Path(path)
-    if not _is_nifti_name(path):
+    if not is_nifti_name(path):
         raise ScanError(path, "output must be named .nii or .nii.gz")
     if like.path is not None and (
         path.resolve() == Path(like.path).resolve() or (path.exists() and os.path.samefile(path, like.path))
@@ -313,15 +322,27 @@ def save_like(
     img = img_class(src, like.source_affine, header=header)
     img.header.set_slope_inter(1.0, 0.0)
 
-    suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(img, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: nib.save(img, tmp))
     except OSError as exc:
         raise ScanError(path, f"cannot write ({exc.strerror or exc})") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
+
+
+def load_map(path: str | Path, like: Volume) -> np.ndarray:
+    """A float map (e.g. ``*_anomaly.nii.gz``) in canonical orientation, checked against ``like``."""
+    path = Path(path)
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:
+        raise ScanError(path, f"cannot read anomaly map ({type(exc).__name__}: {exc})") from exc
+    data = data.reshape(data.shape[:3]) if data.ndim > 3 and all(s == 1 for s in data.shape[3:]) else data
+    if data.ndim != 3:
+        raise ScanError(path, f"anomaly map must be 3D, got shape {data.shape}")
+    data, _ = to_canonical(data, img.affine)
+    if data.shape != like.data.shape:
+        raise ScanError(path, f"anomaly map shape {data.shape} does not match the scan's {like.data.shape}")
+    if not np.all(np.isfinite(data)):
+        raise ScanError(path, "anomaly map contains NaN or Inf")
+    return data

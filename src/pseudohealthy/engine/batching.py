@@ -1,6 +1,6 @@
 """The restoration engine's inner loop: per-slice seeds and noise, batch sizes, batched denoising.
 
-Kept apart from :mod:`pseudohealthy.restore` so the hot loop (:func:`_denoise_batch`) can be
+Kept apart from :mod:`pseudohealthy.engine.restore` so the hot loop (:func:`_denoise_batch`) can be
 optimised on its own. Nothing here touches scans or maps.
 """
 
@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from pseudohealthy.device import autocast
-from pseudohealthy.diffusion import Schedule, denoise_steps, sampler_timesteps, slice_noise
+from pseudohealthy.model.diffusion import Schedule, denoise_steps, sampler_timesteps, slice_noise
 
 if TYPE_CHECKING:
-    from pseudohealthy.restore import RestoreSettings
+    from pseudohealthy.engine.restore import RestoreSettings
 
 __all__ = [
     "COMPILE_MODES",

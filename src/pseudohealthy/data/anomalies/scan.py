@@ -71,7 +71,7 @@ def corrupt_scan(
     min_gap: int = 10,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
 ) -> ScanCorruption:
-    """Apply one anomaly of ``task`` to slices of a :class:`~pseudohealthy.preprocess.PreparedScan`.
+    """Apply one anomaly of ``task`` to slices of a :class:`~pseudohealthy.data.preprocess.PreparedScan`.
 
     Slice ``k`` (canonical axial index) uses the stream ``keyed_rng(seed, task, k)``, so a
     slice's anomaly does not depend on which other slices are chosen. The change is mapped

@@ -1,10 +1,10 @@
 """Benchmark evaluation: anomaly maps vs lesion masks in the benchmark's frame, pooled over a test set.
 
-The frame is the model frame of :mod:`pseudohealthy.preprocess`: every axial slice with
+The frame is the model frame of :mod:`pseudohealthy.data.preprocess`: every axial slice with
 foreground, squared and resized to ``size x size`` (128 by default). Lesion masks are resized
 there with linear interpolation and thresholded at > 0.4 (as the benchmark); anomaly maps (and
 the intensity baseline) are resized the same way. All slices and pixels of all volumes are
-pooled before any metric is computed (:mod:`pseudohealthy.metrics`).
+pooled before any metric is computed (:mod:`pseudohealthy.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .maps import slice_scores, volume_score
-from .metrics import (
+from pseudohealthy.data.preprocess import SliceGeometry
+from pseudohealthy.engine.maps import slice_scores, volume_score
+from pseudohealthy.evaluation.metrics import (
     MAX_FPR,
     MetricsError,
     PixelPool,
@@ -25,8 +26,7 @@ from .metrics import (
     metrics_from_pool,
     roc_curve,
 )
-from .plots import thin_curve
-from .preprocess import SliceGeometry
+from pseudohealthy.figures.plots import thin_curve
 
 __all__ = [
     "BASELINE_KEY",
@@ -248,7 +248,7 @@ def format_table(result: dict, method_name: str = "method") -> str:
 
 def save_plots(result: dict, out_dir: str | Path, method_name: str = "method") -> tuple[Path, Path]:
     """Write ``pr_curve.png`` (pixel level) and ``roc_curve.png`` (slice level) into ``out_dir``."""
-    from .plots import save_pr_curves, save_roc_curves
+    from pseudohealthy.figures.plots import save_pr_curves, save_roc_curves
 
     out_dir = Path(out_dir)
     pr, roc = {}, {}
@@ -290,7 +290,7 @@ class Case:
     name: str = ""
 
     def __post_init__(self) -> None:
-        from .io import scan_name
+        from pseudohealthy.data.io import scan_name
 
         self.scan, self.mask = Path(self.scan), Path(self.mask)
         self.brain_mask = Path(self.brain_mask) if self.brain_mask else None
@@ -307,7 +307,7 @@ def unique_names(cases: list[Case]) -> list[Case]:
             c.name = f"{c.scan.parent.name}_{c.name}"
     dupes = [n for n, k in Counter(c.name for c in cases).items() if k > 1]
     if dupes:
-        from .errors import PseudohealthyError
+        from pseudohealthy.errors import PseudohealthyError
 
         raise PseudohealthyError(f"scans listed twice or ambiguous names: {', '.join(dupes)}")
     return cases
@@ -317,7 +317,7 @@ def cases_from_lists(
     scans: list[Path], masks: list[Path], brain_masks: list[Path] | None = None
 ) -> list[Case]:
     """Pair scans with masks (and brain masks) by position."""
-    from .errors import PseudohealthyError
+    from pseudohealthy.errors import PseudohealthyError
 
     if len(scans) != len(masks):
         raise PseudohealthyError(f"{len(scans)} scans but {len(masks)} masks: give one mask per scan")
@@ -332,7 +332,7 @@ def cases_from_csv(path: str | Path) -> list[Case]:
     paths are taken from the CSV's folder."""
     import csv
 
-    from .errors import PseudohealthyError
+    from pseudohealthy.errors import PseudohealthyError
 
     path = Path(path)
     if not path.is_file():
@@ -356,7 +356,7 @@ def cases_from_dir(
     folder: str | Path, scan_glob: str, mask_name: str, brain_mask_name: str | None = None
 ) -> list[Case]:
     """Scans matching ``scan_glob`` under ``folder``; the mask is ``mask_name`` beside each scan."""
-    from .errors import PseudohealthyError
+    from pseudohealthy.errors import PseudohealthyError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -377,7 +377,7 @@ def find_restoration(case: Case, folder: str | Path | None) -> Path | None:
     uniqueness, ``<scan name>_anomaly...``."""
     if folder is None:
         return None
-    from .io import scan_name
+    from pseudohealthy.data.io import scan_name
 
     folder = Path(folder)
     base = scan_name(case.scan)
@@ -395,7 +395,7 @@ def load_map(path: str | Path, like) -> np.ndarray:
     """A float map (e.g. ``*_anomaly.nii.gz``) in canonical orientation, checked against ``like``."""
     import nibabel as nib
 
-    from .errors import ScanError
+    from pseudohealthy.errors import ScanError
 
     path = Path(path)
     try:
@@ -423,7 +423,7 @@ def restore_anomaly(
     volume, ensemble, settings, slices: np.ndarray, brain_mask: np.ndarray | None
 ) -> np.ndarray:
     """The engine's canonical anomaly map for ``slices`` (a hook the tests replace)."""
-    from .restore import restore_volume
+    from pseudohealthy.engine.restore import restore_volume
 
     return np.asarray(
         restore_volume(
@@ -448,9 +448,9 @@ def case_entries(
     ``settings``. Restored full volumes are written to ``save_dir`` as ``<name>_anomaly.nii.gz``
     (not when slices were subsampled, so a reused map is always complete).
     """
-    from .errors import PseudohealthyError
-    from .io import load_mask, load_scan, save_like
-    from .preprocess import foreground_mask
+    from pseudohealthy.data.io import load_mask, load_scan, save_like
+    from pseudohealthy.data.preprocess import foreground_mask
+    from pseudohealthy.errors import PseudohealthyError
 
     loaded = None
     for case in cases:

@@ -14,7 +14,7 @@ def sample_data_dir() -> Path:
     """The ``sample_data`` folder: inside the installed package, else the checkout's top level."""
     candidates = [
         Path(str(files("pseudohealthy") / "sample_data")),
-        Path(__file__).resolve().parents[2] / "sample_data",
+        Path(__file__).resolve().parents[3] / "sample_data",
     ]
     for candidate in candidates:
         if candidate.is_dir():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PseudohealthyError
+from pseudohealthy.errors import PseudohealthyError
 
 __all__ = [
     "EXACT_LIMIT",

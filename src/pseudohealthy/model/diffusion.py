@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pseudohealthy.model import ConfigError
+from pseudohealthy.model.network import ConfigError
 
 __all__ = [
     "SAMPLERS",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.transform import resize
 
-from .errors import ScanError
-from .io import Volume
+from pseudohealthy.data.io import Volume
+from pseudohealthy.errors import ScanError
 
 ZERO_BELOW = 1e-4  # normalised values below this are set to 0 (as in the benchmark)
 _REL_TOL = 1e-4  # tolerance above the minimum, relative to the intensity range

@@ -1,8 +1,8 @@
 """The restoration engine: pseudo-healthy restorations and anomaly maps of a scan's axial slices.
 
-Every foreground axial slice is brought into the model frame (:func:`~pseudohealthy.preprocess.
+Every foreground axial slice is brought into the model frame (:func:`~pseudohealthy.data.preprocess.
 prepare_scan` at the ensemble's image size), restored by every ensemble member (batched over
-slices, members in lockstep, see :mod:`pseudohealthy.batching`), scored with 1 - SSIM in the
+slices, members in lockstep, see :mod:`pseudohealthy.engine.batching`), scored with 1 - SSIM in the
 model frame and mapped back to the slice's own grid.
 
 - :func:`restore_iter` yields :class:`Progress` after every denoising step and a
@@ -10,10 +10,10 @@ model frame and mapped back to the slice's own grid.
 - :func:`restore_volume` collects a whole run into a :class:`RestoreResult`.
 
 Reproducibility: the noise of slice ``k`` and member ``m`` comes from its own generator seeded
-from ``(seed, k, member name)`` (:func:`~pseudohealthy.batching.slice_seed`), so a slice's
+from ``(seed, k, member name)`` (:func:`~pseudohealthy.engine.batching.slice_seed`), so a slice's
 result does not depend on the batch size, the order, or which other slices and members run.
 An unconditioned (baseline) ensemble restores by partial noising: the input is noised to
-``t_start`` (default :data:`~pseudohealthy.batching.DEFAULT_T_START` = 250) and denoised.
+``t_start`` (default :data:`~pseudohealthy.engine.batching.DEFAULT_T_START` = 250) and denoised.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pseudohealthy.batching import (
+from pseudohealthy.data.io import Volume, volume_from_array
+from pseudohealthy.data.preprocess import PreparedScan, prepare_scan
+from pseudohealthy.device import PRECISIONS, DeviceError, autocast_dtype, resolve_device
+from pseudohealthy.engine.batching import (
     COMPILE_MODES,
     DEFAULT_T_START,
     _batch_noise,
@@ -39,13 +42,10 @@ from pseudohealthy.batching import (
     noise_draws,
     run_timesteps,
 )
-from pseudohealthy.checkpoint import Ensemble
-from pseudohealthy.device import PRECISIONS, DeviceError, autocast_dtype, resolve_device
-from pseudohealthy.diffusion import SAMPLERS, Schedule, from_model_range, to_model_range
+from pseudohealthy.engine.maps import anomaly_map, ensemble_map, slice_scores, volume_score
 from pseudohealthy.errors import PseudohealthyError, ScanError
-from pseudohealthy.io import Volume, volume_from_array
-from pseudohealthy.maps import anomaly_map, ensemble_map, slice_scores, volume_score
-from pseudohealthy.preprocess import PreparedScan, prepare_scan
+from pseudohealthy.model.checkpoint import Ensemble
+from pseudohealthy.model.diffusion import SAMPLERS, Schedule, from_model_range, to_model_range
 
 __all__ = [
     "DEFAULT_T_START",

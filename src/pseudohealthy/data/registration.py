@@ -8,7 +8,7 @@ transform files) is numpy/scipy.
 Conventions: a transform is a 4x4 matrix in world millimetres (RAS+) that maps a point of the
 *template* to the corresponding point of the *scan* (``template_to_scan``), so resampling a scan
 into the template frame reads the scan at ``template_to_scan @ p`` for every template voxel
-centre ``p``. Volumes are canonical RAS+ (:class:`pseudohealthy.io.Volume`).
+centre ``p``. Volumes are canonical RAS+ (:class:`pseudohealthy.data.io.Volume`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .errors import PseudohealthyError, ScanError, ScanWarning
-from .io import Volume, load_mask, load_scan
-from .preprocess import foreground_mask
+from pseudohealthy.data.io import Volume, load_mask, load_scan
+from pseudohealthy.data.preprocess import foreground_mask
+from pseudohealthy.errors import PseudohealthyError, ScanError, ScanWarning
 
 INSTALL_HINT = "pip install 'pseudohealthy[preprocess]'"
 TRANSFORM_FORMAT = "pseudohealthy-affine/1"
@@ -63,7 +63,7 @@ class Template:
 
 def bundled_template_dir() -> Path:
     """Folder of the bundled 2 mm MNI152 (ICBM 2009a) T1 and brain mask."""
-    from .sample import sample_data_dir
+    from pseudohealthy.data.sample import sample_data_dir
 
     return sample_data_dir() / "mni152"
 

@@ -39,14 +39,34 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .anomalies import TASKS, fold_tasks, load_inter_sources
-from .checkpoint import is_checkpoint_dir, save_checkpoint
-from .dataset import CorruptedSliceDataset, EpochBatchSampler, HealthySlices, ValidationSet, build_validation
-from .device import autocast, autocast_dtype, resolve_device
-from .diffusion import Schedule, denoise_steps, from_model_range, slice_noise, to_model_range, training_loss
-from .ema import EMA
-from .errors import PseudohealthyError
-from .model import PRESETS, ConfigError, ModelConfig, build_model, count_parameters, get_preset
+from pseudohealthy.data.anomalies import TASKS, fold_tasks, load_inter_sources
+from pseudohealthy.data.dataset import (
+    CorruptedSliceDataset,
+    EpochBatchSampler,
+    HealthySlices,
+    ValidationSet,
+    build_validation,
+)
+from pseudohealthy.device import autocast, autocast_dtype, resolve_device
+from pseudohealthy.errors import PseudohealthyError
+from pseudohealthy.model.checkpoint import is_checkpoint_dir, save_checkpoint
+from pseudohealthy.model.diffusion import (
+    Schedule,
+    denoise_steps,
+    from_model_range,
+    slice_noise,
+    to_model_range,
+    training_loss,
+)
+from pseudohealthy.model.ema import EMA
+from pseudohealthy.model.network import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    get_preset,
+)
 
 __all__ = [
     "MUST_MATCH",
@@ -542,7 +562,7 @@ def validate(
     """
     from sklearn.metrics import average_precision_score
 
-    from .maps import anomaly_map
+    from pseudohealthy.engine.maps import anomaly_map
 
     device = torch.device(device)
     schedule = schedule or Schedule()
@@ -672,7 +692,7 @@ def train_member(
 
     ``out_dir`` receives ``model.safetensors`` + ``pseudohealthy.json`` (the EMA weights of the
     best validation, or the last EMA weights without validation; see
-    :func:`pseudohealthy.checkpoint.save_checkpoint`), ``log.csv`` and ``train_state/`` (the
+    :func:`pseudohealthy.model.checkpoint.save_checkpoint`), ``log.csv`` and ``train_state/`` (the
     resumable state). ``resume`` continues from ``train_state/`` (or skips a finished member);
     without it an existing run is refused.
     """

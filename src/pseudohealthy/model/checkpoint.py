@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pseudohealthy import __version__
+from pseudohealthy.data.files import atomic_write, write_text
 from pseudohealthy.device import resolve_device
-from pseudohealthy.diffusion import Schedule
 from pseudohealthy.errors import CheckpointError
-from pseudohealthy.model import ConditionedUNet, ConfigError, ModelConfig
+from pseudohealthy.model.diffusion import Schedule
+from pseudohealthy.model.network import ConditionedUNet, ConfigError, ModelConfig
 
 __all__ = [
     "FORMAT",
@@ -55,22 +54,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def _atomic_write(directory: Path, name: str, write: Any) -> Path:
-    """Write via ``write(tmp_path)`` to a temporary file in ``directory``, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; use the usual mode
-        os.replace(tmp, directory / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return directory / name
 
 
 def _jsonable(value: Any) -> Any:
@@ -128,8 +111,8 @@ def save_checkpoint(
     if weights_dtype is not None:
         state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory, WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _atomic_write(directory, INFO_FILE, lambda p: Path(p).write_text(text + "\n", encoding="utf-8"))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_text(directory / INFO_FILE, text + "\n")
     return directory
 
 

@@ -1,0 +1,1 @@
+"""Training: one ensemble member per fold (:mod:`.train`)."""
