@@ -43,6 +43,8 @@ class TestScan:
 
 def add_arm_arguments(parser: argparse.ArgumentParser, *, folds: str) -> None:
     """The options every three-arm protocol has (training, sampling, evaluation, figure)."""
+    from pseudohealthy.engine.defaults import BASELINE_T_START, DEFAULT_SAMPLER, SAMPLERS
+
     parser.add_argument("--ensemble-dir", type=Path, help="reuse this trained ensemble (else OUT/ensemble)")
     parser.add_argument("--baseline-dir", type=Path, help="reuse this trained baseline (else OUT/baseline)")
     parser.add_argument("--folds", default=folds, help=f"ensemble folds: e.g. {folds} (default) or 'all'")
@@ -52,9 +54,15 @@ def add_arm_arguments(parser: argparse.ArgumentParser, *, folds: str) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
-    parser.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm"))
-    parser.add_argument("--eval-steps", type=int, default=50, help="sampling steps at test time (default 50)")
-    parser.add_argument("--t-start", type=int, help="baseline's partial-noising depth (default: restore's)")
+    parser.add_argument(
+        "--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help=f"default {DEFAULT_SAMPLER}"
+    )
+    parser.add_argument(
+        "--eval-steps", type=int, help="sampling steps at test time (default: the sampler's default steps)"
+    )
+    parser.add_argument(
+        "--t-start", type=int, help=f"baseline's partial-noising depth (default {BASELINE_T_START})"
+    )
     parser.add_argument("--slices-per-volume", type=int, help="evaluate N evenly spaced slices (quick runs)")
     parser.add_argument("--size", type=int, default=128, help="evaluation frame size (default 128)")
     parser.add_argument("--figure-slices", type=int, default=3, help="test slices in the figure (default 3)")
@@ -154,8 +162,7 @@ def _brain(test: TestScan) -> np.ndarray:
 def _outputs(restore_dir: Path, test: TestScan) -> tuple[np.ndarray, np.ndarray]:
     """``(restoration, anomaly map)`` an arm wrote for ``test`` under ``restore_dir``, canonical;
     read once per process (for the lesion contrast and the figure)."""
-    from pseudohealthy.data.io import scan_name
-    from pseudohealthy.evaluation.evaluate import load_map
+    from pseudohealthy.data.io import load_map, scan_name
 
     volume = _load(test)[0]
     stem = restore_dir / test.label / scan_name(test.scan)
@@ -167,11 +174,12 @@ def _outputs(restore_dir: Path, test: TestScan) -> tuple[np.ndarray, np.ndarray]
 def test_slices(test: TestScan, n: int | None) -> list[int]:
     """The evaluated axial slices of ``test``, chosen exactly as ``evaluate`` does."""
     from pseudohealthy.data.preprocess import foreground_mask
-    from pseudohealthy.evaluation.evaluate import foreground_slices, pick_slices
+    from pseudohealthy.evaluation.cases import evenly_spaced
+    from pseudohealthy.evaluation.pooling import foreground_slices
 
     volume, _, brain = _load(test)
     every = foreground_slices(foreground_mask(volume.data, brain))
-    return [int(k) for k in pick_slices(every, n)]
+    return [int(k) for k in evenly_spaced(every, n)]
 
 
 def restore_and_evaluate(
@@ -284,6 +292,8 @@ def figure(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pseudohealthy.data.files import atomic_write
+
     volumes = {test.label: (_load(test)[0].data, _load(test)[1], _brain(test)) for test in tests}
     area = [(int(volumes[t][1][:, :, k].sum()), t, k) for t in slices for k in slices[t]]
     shown = sorted((t, k) for _, t, k in sorted(area, reverse=True)[: args.figure_slices])
@@ -323,8 +333,7 @@ def figure(
         axes[row, 0].set_ylabel(f"{label} {k}" if len(tests) > 1 else f"slice {k}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -349,7 +358,12 @@ def compare(
     and ``train`` (phrases for the table's notes); ``started`` (``perf_counter()``) is when the
     protocol began. Returns the results (also ``OUT/results.json``).
     """
+    from pseudohealthy.data.files import write_json, write_text
+    from pseudohealthy.engine.defaults import default_steps
+
     t0 = time.perf_counter() if started is None else started
+    if args.eval_steps is None:
+        args.eval_steps = default_steps(args.sampler)
     ens_members, base_members = members(ens_dir), members(base_dir)
     if not ens_members or not base_members:
         raise SystemExit(f"no trained members in {ens_dir if not ens_members else base_dir}")
@@ -409,7 +423,7 @@ def compare(
         "\nWhere the arms differ inside lesions (restored slices; changes as fractions of the brain's "
         "99th intensity percentile):\n\n" + contrast + "\n"
     )
-    (out / "table.md").write_text(text + "\n" + notes)
+    write_text(out / "table.md", text + "\n" + notes)
     fig_path = figure(
         args, tests, arms, slices, out / "figure.png", title=protocol["name"], modality=modality
     )
@@ -429,6 +443,6 @@ def compare(
         "commands": log,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     print(text + "\n" + notes)
     return results

@@ -16,7 +16,7 @@ memory (peak RSS of each phase) and, on CUDA, peak GPU
 memory and the achieved TFLOP/s against the device's dense bf16 peak (UNet FLOPs counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass).
 Defaults: presets ``paper,cpu`` (``paper:10,cpu:3`` sets members per preset; else ``--members``,
-10), DDPM 50 steps, 8 slices on the CPU and 64 on CUDA, where the naive loop does only 4 (its
+10), the library's default sampler and steps, 8 slices on the CPU and 64 on CUDA, where the naive loop does only 4 (its
 cost is linear in the slices). ``--quick``: CPU-friendly (tiny and cpu presets, 2 members, 4
 slices, ddim 4 steps). The paper preset on a CPU: e.g. ``--presets paper --members 1 --slices 1
 --steps 2``. ``--repeats N`` times engine and naive loop N times, interleaved, and reports
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pseudohealthy.engine.batching import COMPILE_MODES
+from pseudohealthy.engine.defaults import COMPILE_MODES, DEFAULT_SAMPLER, SAMPLERS, default_steps
 
 # dense bf16 tensor-core peak, TFLOP/s, by a fragment of torch.cuda.get_device_name() (first match)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
@@ -149,7 +149,8 @@ def bench_preset(
     slices); one more engine run restores one slice alone (the latency of the slice on screen).
     """
     from pseudohealthy.engine.reference import naive_maps
-    from pseudohealthy.engine.restore import RestoreSettings, prepare_for, restore_volume
+    from pseudohealthy.engine.restore import prepare_for, restore_volume
+    from pseudohealthy.engine.settings import RestoreSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         ensemble = build_ensemble(Path(tmp), preset, n_members)
@@ -322,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         "--slices", type=int, help="slices restored (default 8 on the CPU, 64 on CUDA; 4 with --quick)"
     )
     parser.add_argument(
-        "--sampler", default=None, choices=("ddpm", "ddim", "dpm"), help="default ddpm (ddim --quick)"
+        "--sampler", default=None, choices=SAMPLERS, help=f"default {DEFAULT_SAMPLER} (ddim with --quick)"
     )
-    parser.add_argument("--steps", type=int, help="sampler steps (default 50; 4 with --quick)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the sampler's; 4 with --quick)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, help="engine slices per batch (default: the engine's)")
     parser.add_argument(
@@ -356,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     args.slices = args.slices or (4 if args.quick else 64 if cuda else 8)
     args.naive_slices = args.naive_slices or (4 if cuda else None)
-    args.sampler = args.sampler or ("ddim" if args.quick else "ddpm")
-    args.steps = args.steps or (4 if args.quick else 50)
+    args.sampler = args.sampler or ("ddim" if args.quick else DEFAULT_SAMPLER)
+    args.steps = args.steps or (4 if args.quick else default_steps(args.sampler))
     volume = load_scan(sample_scan_path())
     name = (
         torch.cuda.get_device_name(device)

@@ -11,7 +11,7 @@ Two sources, the same for every (sampler, steps):
   over members; all five when the members record none), as training validation does; metrics
   pooled over the model-frame pixels against the anomaly masks;
 - real: the scan's slices, half with lesion and half without, restored by the engine and
-  scored with :func:`pseudohealthy.evaluation.evaluate.evaluate_maps` (128 px benchmark frame), beside
+  scored with :func:`pseudohealthy.evaluation.pooling.evaluate_maps` (128 px benchmark frame), beside
   the intensity baseline.
 
 Writes ``steps.png``, ``steps.md`` and ``steps.json`` to ``--out`` and prints the cheapest
@@ -25,14 +25,18 @@ import json
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pseudohealthy.engine.defaults import DEFAULT_STEPS, SAMPLERS
+
 TOLERANCE = 0.01  # AP_p loss allowed against the reference
+
+REFERENCE_SAMPLER = "ddpm"  # the paper's sampler, at its default steps
+CONTESTANTS = tuple(s for s in SAMPLERS if s != REFERENCE_SAMPLER)
 
 
 def _tiny_ensemble(folder: Path, n_members: int = 2) -> Path:
@@ -91,33 +95,20 @@ def synthetic_set(prepared, lesion: np.ndarray, tasks: tuple[int, ...], n: int, 
 def restore_frames(
     images: np.ndarray, fg: np.ndarray, ensemble, settings, device: torch.device
 ) -> np.ndarray:
-    """Ensemble 1 - SSIM maps of model-frame images ``(N, S, S)`` with the engine's batched loop."""
-    from pseudohealthy.engine.batching import (
-        DEFAULT_T_START,
-        _batch_noise,
-        _denoise_batch,
-        noise_draws,
-        run_timesteps,
-    )
-    from pseudohealthy.engine.maps import anomaly_map, ensemble_map
-    from pseudohealthy.model.diffusion import from_model_range, to_model_range
+    """Ensemble 1 - SSIM maps of model-frame images ``(N, S, S)`` with the engine's public frame API."""
+    from pseudohealthy.engine.frame import restore_frame
 
-    t_start = settings.t_start if settings.t_start is not None or ensemble.conditioned else DEFAULT_T_START
-    n_draws = noise_draws(settings.sampler, len(run_timesteps(settings, ensemble.schedule, t_start)))
+    plan = settings.plan(ensemble.schedule, conditioned=ensemble.conditioned)
     models = [m.model(device) for m in ensemble.members]
-    size, out, batch = images.shape[-1], [], 8
+    out, batch = [], 8
     for b in range(0, len(images), batch):
         rows = list(range(b, min(b + batch, len(images))))
-        noise, _ = _batch_noise(ensemble.names, rows, settings.seed, n_draws, (1, size, size), device)
-        cond = to_model_range(torch.from_numpy(images[rows][:, None]).to(device))
-        steps = _denoise_batch(
-            models, cond, noise, settings, schedule=ensemble.schedule,
-            conditioned=ensemble.conditioned, t_start=t_start, device=device,
+        frame = restore_frame(
+            models, ensemble.names, images[rows], fg[rows], rows, plan, ensemble.schedule,
+            seed=settings.seed, conditioned=ensemble.conditioned, device=device,
+            precision=settings.precision, faithful_ssim=settings.faithful_ssim,
         )  # fmt: skip
-        xs = deque(steps, maxlen=1)[0][2]  # the last step's restorations, one per member
-        rest = [from_model_range(x.float())[:, 0].cpu().numpy() for x in xs]
-        member_maps = [anomaly_map(r, images[rows], fg[rows], faithful=settings.faithful_ssim) for r in rest]
-        out.append(ensemble_map(np.stack(member_maps), fg[rows]))
+        out.append(frame.maps)
     return np.concatenate(out)
 
 
@@ -131,8 +122,9 @@ def _pixel_metrics(maps: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 def evaluate_config(sampler: str, steps: int, ctx: dict[str, Any]) -> dict[str, Any]:
     """Metrics of one (sampler, steps) on both sources, with seconds and UNet passes per slice."""
-    from pseudohealthy.engine.restore import RestoreSettings, restore_volume
-    from pseudohealthy.evaluation.evaluate import EvalEntry, evaluate_maps
+    from pseudohealthy.engine.restore import restore_volume
+    from pseudohealthy.engine.settings import RestoreSettings
+    from pseudohealthy.evaluation.pooling import EvalEntry, evaluate_maps
 
     settings = RestoreSettings(sampler=sampler, steps=steps, seed=ctx["seed"], device=str(ctx["device"]))
     t0 = time.perf_counter()
@@ -200,7 +192,7 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path) -> N
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for ax, source in zip(axes, ("synthetic", "real"), strict=True):
-        for sampler, marker in (("ddim", "o"), ("dpm", "s")):
+        for sampler, marker in zip(CONTESTANTS, "os^", strict=False):
             rs = [r for r in rows if r["sampler"] == sampler]
             steps = [r["steps"] for r in rs]
             for metric, style in (("ap_pixel", "-"), ("best_dice", ":")):
@@ -253,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     n = args.slices or (2 if args.tiny else 8)
     steps_list = [int(s) for s in (args.steps_list or ("2,5" if args.tiny else "5,10,20,50")).split(",")]
-    ref_steps = args.ref_steps or (5 if args.tiny else 50)
+    ref_steps = args.ref_steps or (5 if args.tiny else DEFAULT_STEPS[REFERENCE_SAMPLER])
     with tempfile.TemporaryDirectory() as tmp:
         folder = _tiny_ensemble(Path(tmp)) if args.tiny else (args.ensemble or demo_ensemble_path())
         if folder is None:
@@ -282,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             "synthetic": synthetic_set(*healthy, tasks, n, args.seed),
         }
         print(f"{len(ensemble.members)} members from {folder}, {device}; validation tasks {tasks}")
-        reference = evaluate_config("ddpm", ref_steps, ctx)
+        reference = evaluate_config(REFERENCE_SAMPLER, ref_steps, ctx)
         rows = []
-        for sampler in ("ddim", "dpm"):
+        for sampler in CONTESTANTS:
             for steps in steps_list:
                 rows.append(evaluate_config(sampler, steps, ctx))
                 syn, real = rows[-1]["synthetic"]["ap_pixel"], rows[-1]["real"]["ap_pixel"]

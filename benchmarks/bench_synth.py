@@ -13,7 +13,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -116,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             "corruptor": n / cpu,
             "target": TARGET,
         }
-        args.json.write_text(json.dumps(summary, indent=2))
+        from pseudohealthy.data.files import write_json
+
+        write_json(args.json, summary)
     return 1 if args.check and ratio < 1 else 0
 
 

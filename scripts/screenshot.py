@@ -20,13 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from pseudohealthy.engine.sampler import DEFAULT_SAMPLER, SAMPLERS
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--ensemble", type=Path, help="ensemble folder (default: the bundled demo ensemble)")
     parser.add_argument("--around", type=int, default=2, help="restore the tumour slice ± N (default 2)")
-    parser.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim", "dpm"))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the sampler's default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", default="1500x950", help="window size WxH (default 1500x950)")
     parser.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pseudohealthy.cli.view import open_viewer
     from pseudohealthy.data.sample import demo_ensemble_path
+    from pseudohealthy.engine.sampler import default_steps
     from pseudohealthy.napari._layers import go_to_axial, layer_frame
 
     ensemble = args.ensemble or demo_ensemble_path()
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     go_to_axial(viewer, scan, frame, k)
 
     restore.sampler_combo.setCurrentText(args.sampler)
-    restore.steps_spin.setValue(args.steps)
+    restore.steps_spin.setValue(default_steps(args.sampler) if args.steps is None else args.steps)
     if restore.device_combo.findText(args.device) >= 0:
         restore.device_combo.setCurrentText(args.device)
     restore.mode_combo.setCurrentIndex(restore.mode_combo.findData("around"))

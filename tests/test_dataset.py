@@ -16,7 +16,7 @@ from pseudohealthy.data.dataset import (
     EpochBatchSampler,
     HealthySlices,
     build_validation,
-    collect_scans,
+    collect_training_scans,
     split_holdout,
 )
 from pseudohealthy.errors import ScanError
@@ -47,19 +47,19 @@ def ixi_dir(tmp_path_factory, shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def slices(ixi_dir) -> HealthySlices:
-    return HealthySlices.from_scans(collect_scans([ixi_dir]), size=SIZE, seed=0)
+    return HealthySlices.from_scans(collect_training_scans([ixi_dir]), size=SIZE, seed=0)
 
 
-def test_collect_scans_skips_masks_and_finds_brain_masks(ixi_dir, tmp_path):
-    found = collect_scans([ixi_dir])
+def test_collect_training_scans_skips_masks_and_finds_brain_masks(ixi_dir, tmp_path):
+    found = collect_training_scans([ixi_dir])
     names = [p.name for p, _ in found]
     assert len(found) == 3 and all(n.startswith("IXI") for n in names)
     assert all(mask is None for _, mask in found)
     # an explicit file is taken even if it looks like a mask; include / exclude globs
     decoy = ixi_dir / "sub" / "lesion_seg.nii.gz"
-    assert [p.name for p, _ in collect_scans([decoy])] == ["lesion_seg.nii.gz"]
-    assert len(collect_scans([ixi_dir], exclude=[names[0]])) == 2
-    assert [p.name for p, _ in collect_scans([ixi_dir], include=[names[1]])] == [names[1]]
+    assert [p.name for p, _ in collect_training_scans([decoy])] == ["lesion_seg.nii.gz"]
+    assert len(collect_training_scans([ixi_dir], exclude=[names[0]])) == 2
+    assert [p.name for p, _ in collect_training_scans([ixi_dir], include=[names[1]])] == [names[1]]
 
     # sibling brain masks: automatic, by pattern, or switched off
     case = tmp_path / "case"
@@ -67,19 +67,19 @@ def test_collect_scans_skips_masks_and_finds_brain_masks(ixi_dir, tmp_path):
     scan = case / "flair.nii.gz"
     nib.save(nib.load(ixi_dir / names[0]), scan)
     nib.save(nib.load(ixi_dir / names[0]), case / "brainmask.nii.gz")
-    assert collect_scans([case]) == [(scan.resolve(), case / "brainmask.nii.gz")]
-    assert collect_scans([case], "none") == [(scan.resolve(), None)]
+    assert collect_training_scans([case]) == [(scan.resolve(), case / "brainmask.nii.gz")]
+    assert collect_training_scans([case], "none") == [(scan.resolve(), None)]
     nib.save(nib.load(ixi_dir / names[0]), case / "flair_bm.nii.gz")
-    assert collect_scans([scan], "{stem}_bm.nii.gz")[0][1] == case / "flair_bm.nii.gz"
+    assert collect_training_scans([scan], "{stem}_bm.nii.gz")[0][1] == case / "flair_bm.nii.gz"
     with pytest.raises(ScanError, match="brain mask"):
-        collect_scans([scan], "{stem}_missing.nii.gz")
+        collect_training_scans([scan], "{stem}_missing.nii.gz")
 
 
-def test_collect_scans_errors(tmp_path):
+def test_collect_training_scans_errors(tmp_path):
     with pytest.raises(ScanError, match="no NIfTI scans found"):
-        collect_scans([tmp_path])
+        collect_training_scans([tmp_path])
     with pytest.raises(ScanError, match="not found"):
-        collect_scans([tmp_path / "nope.nii.gz"])
+        collect_training_scans([tmp_path / "nope.nii.gz"])
 
 
 def test_split_is_by_volume_and_seeded():

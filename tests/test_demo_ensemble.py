@@ -13,7 +13,8 @@ import pytest
 from pseudohealthy.data.anomalies import TASKS as ALL_TASKS
 from pseudohealthy.data.io import load_scan
 from pseudohealthy.data.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
-from pseudohealthy.engine.restore import RestoreSettings, restore_volume
+from pseudohealthy.engine.restore import restore_volume
+from pseudohealthy.engine.settings import RestoreSettings
 from pseudohealthy.model.checkpoint import Ensemble
 
 TASKS = set(ALL_TASKS)

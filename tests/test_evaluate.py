@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-import pseudohealthy.evaluation.evaluate as ev
+import pseudohealthy.evaluation.pooling as pooling
 from conftest import phantom, write_nifti
 from pseudohealthy.cli import main
 from pseudohealthy.data.io import load_mask, load_scan, save_like
-from pseudohealthy.data.preprocess import foreground_mask
+from pseudohealthy.data.preprocess import SliceGeometry, foreground_mask
 from pseudohealthy.evaluation.metrics import MetricsError
 
 KEYS = {"ap_image", "auroc", "ap_pixel", "best_dice", "dice_at_5fpr", "n_slices", "n_volumes"}
@@ -35,31 +35,31 @@ def _blurred(lesion: np.ndarray, fg: np.ndarray) -> np.ndarray:
     return np.clip(gaussian_filter(lesion.astype(np.float32), 1.0) * 0.9, 0, 1) * fg
 
 
-def _entry(seed: int, anomaly=None) -> ev.EvalEntry:
+def _entry(seed: int, anomaly=None) -> pooling.EvalEntry:
     image, lesion = _case(seed)
     fg = foreground_mask(image)
-    return ev.EvalEntry(
+    return pooling.EvalEntry(
         f"case{seed}", _blurred(lesion, fg) if anomaly is None else anomaly, lesion, fg, image
     )
 
 
 def test_evaluate_maps_on_arrays():
     entries = [_entry(0), _entry(1)]
-    result = ev.evaluate_maps(iter(entries), size=32)
+    result = pooling.evaluate_maps(iter(entries), size=32)
     assert KEYS <= set(result)
-    n_slices = sum(ev.foreground_slices(e.foreground).size for e in entries)
+    n_slices = sum(pooling.foreground_slices(e.foreground).size for e in entries)
     assert result["n_volumes"] == 2 and result["n_slices"] == n_slices
     assert result["n_pixels"] == n_slices * 32 * 32  # the whole frame, background included
     assert result["ap_pixel"] > 0.9 and result["best_dice"] > 0.8
     assert result["auroc"] > 0.9
-    base = result[ev.BASELINE_KEY]
+    base = result[pooling.BASELINE_KEY]
     assert KEYS <= set(base) and base["n_slices"] == n_slices
     assert base["ap_pixel"] < result["ap_pixel"]
     assert [v["name"] for v in result["volumes"]] == ["case0", "case1"]
     assert result["volumes"][0]["n_lesion_slices"] > 0
-    json.loads(ev.to_json(result))  # JSON-ready
-    assert len(result["curves"]["method"]["pr_pixel"]["recall"]) <= ev.CURVE_POINTS + 2
-    table = ev.format_table(result, "blurred mask")
+    json.loads(pooling.to_json(result))  # JSON-ready
+    assert len(result["curves"]["method"]["pr_pixel"]["recall"]) <= pooling.CURVE_POINTS + 2
+    table = pooling.format_table(result, "blurred mask")
     assert "blurred mask" in table and "intensity baseline" in table and "Dice@5%FPR" in table
 
 
@@ -71,21 +71,21 @@ def test_evaluate_maps_random_map_is_near_prevalence():
         e.anomaly = rng.random(e.lesion.shape).astype(np.float32) * e.foreground
         e.image = None  # no baseline
         entries.append(e)
-    result = ev.evaluate_maps(entries, size=32)
-    assert ev.BASELINE_KEY not in result
+    result = pooling.evaluate_maps(entries, size=32)
+    assert pooling.BASELINE_KEY not in result
     assert result["ap_pixel"] < 4 * result["prevalence_pixel"]
 
 
 def test_evaluate_maps_slices_and_frame():
     e = _entry(0)
     e.indices = np.array([4, 5])  # both through the lesion (centre z = 5, radius 2.5)
-    result = ev.evaluate_maps([e], size=24)
+    result = pooling.evaluate_maps([e], size=24)
     assert result["n_slices"] == 2 and result["n_pixels"] == 2 * 24 * 24
     assert result["n_lesion_slices"] == 2
     # one class only: slice-level metrics undefined, pixel metrics still computed
     assert result["auroc"] is None and result["ap_pixel"] > 0.9
     # masks are resized into the frame, then thresholded at > 0.4
-    framed = ev.to_frame(e.lesion, e.indices, ev.SliceGeometry((40, 40), 24))
+    framed = pooling.to_frame(e.lesion, e.indices, SliceGeometry((40, 40), 24))
     assert result["n_lesion_pixels"] == int((framed > 0.4).sum()) > 0
 
 
@@ -93,7 +93,7 @@ def test_evaluate_maps_without_lesion_raises():
     e = _entry(0)
     e.lesion = np.zeros_like(e.lesion)
     with pytest.raises(MetricsError, match="no lesion pixel"):
-        ev.evaluate_maps([e], size=32)
+        pooling.evaluate_maps([e], size=32)
 
 
 # --- the command line -------------------------------------------------------------------------
@@ -109,13 +109,13 @@ def _forbid_restore(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("restore must not be called when maps exist")
 
-    monkeypatch.setattr(ev, "restore_anomaly", boom)
+    monkeypatch.setattr("pseudohealthy.evaluation.cases.restore_anomaly", boom)
     monkeypatch.setattr("pseudohealthy.model.checkpoint.Ensemble.from_dir", boom)
 
 
 def _check_outputs(out: Path) -> dict:
     result = json.loads((out / "metrics.json").read_text())
-    assert KEYS <= set(result) and KEYS <= set(result[ev.BASELINE_KEY])
+    assert KEYS <= set(result) and KEYS <= set(result[pooling.BASELINE_KEY])
     for name in ("pr_curve.png", "roc_curve.png"):
         assert (out / name).read_bytes()[:8] == PNG
     return result
@@ -138,7 +138,7 @@ def test_cli_reuses_restorations_on_real_scans(shared_data, tmp_path, monkeypatc
     result = _check_outputs(out)
     assert result["n_volumes"] == 2 and result["n_slices"] == 32
     assert result["settings"]["restored"] == [] and result["settings"]["engine"] is None
-    assert result["ap_pixel"] > 0.9 > result[ev.BASELINE_KEY]["ap_pixel"]
+    assert result["ap_pixel"] > 0.9 > result[pooling.BASELINE_KEY]["ap_pixel"]
     assert {Path(v["anomaly_source"]).parent for v in result["volumes"]} == {rest}
     printed = capsys.readouterr().out
     assert "intensity baseline" in printed and "AP_p" in printed
@@ -170,7 +170,7 @@ def test_cli_pairs_csv_restores_once_then_reuses(tmp_path, monkeypatch):
         lesion = load_mask(volume.path.parent / "lesion_mask.nii.gz", volume)
         return _blurred(lesion, foreground_mask(volume.data))
 
-    monkeypatch.setattr(ev, "restore_anomaly", fake_restore)
+    monkeypatch.setattr("pseudohealthy.evaluation.cases.restore_anomaly", fake_restore)
     monkeypatch.setattr("pseudohealthy.model.checkpoint.Ensemble.from_dir", lambda path: "ENSEMBLE")
     monkeypatch.setattr("pseudohealthy.cli.evaluate._settings", lambda args: {"steps": args.steps})
     out = tmp_path / "out"

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from pseudohealthy.engine.maps import WIN_SIZE, anomaly_map, ensemble_map, slice_scores, volume_score
+from pseudohealthy.engine.maps import (
+    WIN_SIZE,
+    anomaly_map,
+    ensemble_map,
+    foreground_mean,
+    slice_scores,
+    volume_score,
+)
 
 
 def _brain(n: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +141,8 @@ def test_slice_and_volume_scores():
     assert slice_scores(maps[1]).shape == (1,)
     fg = np.zeros_like(maps, dtype=bool)
     fg[1] = True
-    assert volume_score(maps, fg) == pytest.approx(0.5)
-    assert volume_score(maps) == pytest.approx((8 + 0.8) / 48)
-    assert volume_score(maps, np.zeros_like(fg)) == 0.0
+    assert foreground_mean(maps, fg) == pytest.approx(0.5)
+    assert foreground_mean(maps) == pytest.approx((8 + 0.8) / 48)
+    assert foreground_mean(maps, np.zeros_like(fg)) == 0.0
+    assert volume_score(slice_scores(maps)) == pytest.approx((0.0 + 0.5 + 0.05) / 3)
+    assert volume_score([]) is None

@@ -14,8 +14,9 @@ pytest.importorskip("pytestqt")
 
 from qtpy.QtCore import QPoint, Qt
 
+from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.napari._layers import current_axial_index, layer_affine, layer_frame
-from pseudohealthy.napari._outputs import ensure_outputs, output_name, record, set_record
+from pseudohealthy.napari._outputs import ensure_outputs, output_name, record, run_record, set_record
 from pseudohealthy.napari._restore_widget import RestoreWidget, member_text, slice_order
 from pseudohealthy.napari._settings import WidgetSettings, load_settings, save_settings
 from pseudohealthy.napari._threshold_widget import ThresholdWidget
@@ -83,6 +84,13 @@ def test_slice_order_puts_the_current_slice_first() -> None:
 
 
 def test_settings_persist(tmp_path: Path) -> None:
+    from pseudohealthy.engine.sampler import DEFAULT_SAMPLER, SAMPLERS, default_steps
+    from pseudohealthy.napari import _settings
+
+    # the engine's sampler names and defaults, not the widget's own
+    assert _settings.SAMPLERS is SAMPLERS
+    assert WidgetSettings().sampler == DEFAULT_SAMPLER
+    assert WidgetSettings().steps == default_steps(DEFAULT_SAMPLER)
     path = tmp_path / "s.json"
     s = WidgetSettings(ensemble="/x", sampler="dpm", steps=7, device="cpu", slice_mode="all", around=3)
     save_settings(s, path)
@@ -92,6 +100,7 @@ def test_settings_persist(tmp_path: Path) -> None:
     assert loaded.sampler == WidgetSettings().sampler and loaded.steps == 1
     path.write_text("{not json")
     assert load_settings(path) == WidgetSettings()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]  # no temporary file left
 
 
 def test_member_list_shows_metadata(make_napari_viewer, tiny_ensemble: Path) -> None:
@@ -106,6 +115,7 @@ def test_member_list_shows_metadata(make_napari_viewer, tiny_ensemble: Path) -> 
     widget.member_list.item(0).setCheckState(Qt.CheckState.Unchecked)
     assert widget.checked_members() == ["fold1"]
     assert member_text({"name": "m", "val_loss": 0.5}) == "m · val loss 0.5"
+    assert member_text({"name": "m", "val_score": 0.7, "tasks": ["sink"]}) == "m"  # no writer writes these
 
 
 def test_restore_end_to_end(
@@ -139,9 +149,21 @@ def test_restore_end_to_end(
     assert mask.data.dtype == np.uint8
 
     rec = record(anomaly)
-    assert rec["status"] == "done" and rec["slices"] == [20, 19, 21]  # the slice on screen first
-    assert rec["sampler"] == "ddim" and rec["steps"] == 3 and rec["members"] == ["fold0", "fold1"]
-    assert len(rec["scores"]) == 3 and rec["timings"]["total_s"] > 0
+    assert rec["status"] == "done" and rec["requested_slices"] == [20, 19, 21]  # the slice on screen first
+    run = RunRecord.from_dict(rec)
+    assert run.restored == [19, 20, 21] and run.completed
+    assert run.settings["sampler"] == "ddim" and run.settings["steps"] == 3 and run.settings["seed"] == 0
+    assert run.member_names == ["fold0", "fold1"]
+    assert len(rec["slice_scores"]) == 3 and rec["timings"]["total_s"] > 0
+    assert rec["volume_score"] == pytest.approx(np.mean(list(run.slice_scores.values())))
+    # the record is the run's RunRecord plus only the viewer's own keys
+    assert set(rec) == set(run.to_dict()) | {
+        "role",
+        "source_layer",
+        "status",
+        "requested_slices",
+        "ensemble_threshold",
+    }
     restored = np.zeros(layer.data.shape[2], dtype=bool)
     restored[[19, 20, 21]] = True
     assert np.all(np.abs(pseudo.data[:, :, restored]).reshape(-1, 3).max(axis=0) > 0)
@@ -161,12 +183,107 @@ def test_restore_end_to_end(
     _start(widget, qtbot, sampler="ddim", steps=3, mode="current")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert [id(viewer.layers[n]) for n in names] == before and len(viewer.layers) == 4
-    assert sorted(record(anomaly)["slices"]) == [19, 20, 21, 30]
+    assert run_record(anomaly).restored == [19, 20, 21, 30]
+    assert run_record(anomaly).slice_scores[20] == run.slice_scores[20]  # kept, not restored again
     assert anomaly.data[:, :, 30].max() > 0 and anomaly.data[:, :, 20].max() > 0
+    # another seed is another run: the earlier slices go
+    widget.seed_spin.setValue(1)
+    _start(widget, qtbot, sampler="ddim", steps=3, mode="current")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert run_record(anomaly).restored == [30] and run_record(anomaly).settings["seed"] == 1
+    assert not anomaly.data[:, :, 20].any() and anomaly.data[:, :, 30].max() > 0
+    widget.seed_spin.setValue(0)
     # settings were saved for the next session
     saved = load_settings()
     assert saved.sampler == "ddim" and saved.steps == 3 and saved.slice_mode == "current"
     assert Path(saved.ensemble) == tiny_ensemble
+
+
+def test_two_restores_read_the_weights_once(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble, monkeypatch
+) -> None:
+    """The widget keeps the listed ensemble: its members' networks load once, not on every click."""
+    from pseudohealthy.model import checkpoint
+
+    loads: list[str] = []
+    original = checkpoint.load_checkpoint
+
+    def counting(directory, device="cpu"):
+        loads.append(Path(directory).name)
+        return original(directory, device)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", counting)
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    widget = RestoreWidget(viewer)
+    assert widget.set_ensemble(tiny_ensemble)
+    anomaly_name = output_name(layer.name, "anomaly")
+    for _ in range(2):
+        _start(widget, qtbot, sampler="ddim", steps=2, mode="current")
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+        assert record(viewer.layers[anomaly_name])["status"] == "done"
+    assert sorted(loads) == ["fold0", "fold1"]
+    # one member only: the same member object with its network, nothing is read again
+    widget.member_list.item(0).setCheckState(Qt.CheckState.Unchecked)
+    assert widget.selected_ensemble().members == [widget.ensemble.members[1]]
+    _start(widget, qtbot, sampler="ddim", steps=2, mode="current")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert run_record(viewer.layers[anomaly_name]).member_names == ["fold1"]
+    assert sorted(loads) == ["fold0", "fold1"]
+    # listing the same folder again keeps the ensemble; another folder is read afresh
+    kept = widget.ensemble
+    assert widget.set_ensemble(tiny_ensemble) and widget.ensemble is kept
+    import shutil
+
+    shutil.copytree(tiny_ensemble, tmp_path / "other")
+    assert widget.set_ensemble(tmp_path / "other") and widget.ensemble is not kept
+
+
+def _with_info(source: Path, target: Path, **changes: dict) -> Path:
+    """A copy of the ensemble ``source`` with ``changes[member]`` merged into each member's JSON."""
+    import shutil
+
+    shutil.copytree(source, target)
+    for name, change in changes.items():
+        info_path = target / name / "pseudohealthy.json"
+        info = json.loads(info_path.read_text())
+        for key, value in change.items():
+            info[key] = {**info[key], **value} if isinstance(value, dict) else value
+        info_path.write_text(json.dumps(info))
+    return target
+
+
+def test_threshold_suggestion_from_validation(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
+) -> None:
+    """The suggestion is the mean of the members' ``validation.best_threshold`` (what training
+    records); keys no writer writes (``threshold``, ``validation.threshold``) are not read."""
+    decoys = {"threshold": 0.9, "validation": {"threshold": 0.8}}
+    ensemble = _with_info(
+        tiny_ensemble,
+        tmp_path / "ens",
+        fold0={**decoys, "validation": {"threshold": 0.8, "best_threshold": 0.3}},
+        fold1={**decoys, "validation": {"threshold": 0.8, "best_threshold": 0.4}},
+    )
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    widget = RestoreWidget(viewer)
+    threshold = ThresholdWidget(viewer)
+    assert widget.set_ensemble(ensemble)
+    _start(widget, qtbot, sampler="ddim", steps=2, mode="current")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    anomaly = viewer.layers[output_name(layer.name, "anomaly")]
+    mask = viewer.layers[output_name(layer.name, "mask")]
+    assert record(anomaly)["ensemble_threshold"] == pytest.approx(0.35)
+    assert record(mask)["threshold"] == pytest.approx(0.35)  # the first mask uses the suggestion
+    assert threshold.layer_combo.currentText() == anomaly.name
+    assert (
+        threshold.suggested == pytest.approx(0.35) and "ensemble validation" in threshold.suggest_label.text()
+    )
+    # the suggestion follows the checked members
+    widget.member_list.item(1).setCheckState(Qt.CheckState.Unchecked)
+    assert widget.validation_threshold() == pytest.approx(0.3)
+    # members that record no best threshold give no validation suggestion
+    assert widget.set_ensemble(_with_info(tiny_ensemble, tmp_path / "plain", fold0=decoys, fold1=decoys))
+    assert widget.validation_threshold() is None
 
 
 def test_cancel_keeps_finished_slices(
@@ -198,11 +315,12 @@ def test_cancel_keeps_finished_slices(
     anomaly = viewer.layers[output_name(layer.name, "anomaly")]
     rec = record(anomaly)
     assert rec["status"] == "cancelled"
-    assert 1 <= len(rec["slices"]) < layer.data.shape[2]
-    assert sorted(rec["slices"]) == sorted(seen)
-    for k in rec["slices"]:
+    restored = run_record(anomaly).restored
+    assert 1 <= len(restored) < layer.data.shape[2]
+    assert restored == sorted(seen)
+    for k in restored:
         assert anomaly.data[:, :, k].max() > 0
-    others = np.setdiff1d(np.arange(layer.data.shape[2]), rec["slices"])
+    others = np.setdiff1d(np.arange(layer.data.shape[2]), restored)
     assert not anomaly.data[:, :, others].any()
     # the viewer stays usable and another run works
     assert widget.restore_button.isEnabled() and not widget.cancel_button.isEnabled()
@@ -255,7 +373,8 @@ def test_threshold_slider_updates_mask_and_plot_jumps(
     for k, score in zip(slices, scores, strict=True):
         outputs.anomaly.data[:, :, k] = rng.random(layer.data.shape[:2]) * score * 4
     set_record(outputs.mask, threshold=0.5)
-    set_record(outputs.anomaly, slices=slices, scores=scores)
+    run = RunRecord("ensemble", [], {}, "cpu", slice_scores=dict(zip(slices, scores, strict=True)))
+    set_record(outputs.anomaly, **run.to_dict())
     widget = ThresholdWidget(viewer)
     viewer.window.add_dock_widget(widget)
     assert widget.layer_combo.currentText() == outputs.anomaly.name

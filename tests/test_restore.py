@@ -13,16 +13,10 @@ import torch
 from conftest import phantom
 from pseudohealthy.data.io import volume_from_array
 from pseudohealthy.device import DeviceError
-from pseudohealthy.engine import batching, restore
-from pseudohealthy.engine.maps import volume_score
-from pseudohealthy.engine.restore import (
-    Progress,
-    RestoreSettings,
-    SettingsError,
-    SliceResult,
-    restore_iter,
-    restore_volume,
-)
+from pseudohealthy.engine import restore, sampler
+from pseudohealthy.engine.defaults import BASELINE_T_START
+from pseudohealthy.engine.restore import Progress, SliceResult, restore_iter, restore_volume
+from pseudohealthy.engine.settings import RestoreSettings, SettingsError
 from pseudohealthy.errors import PseudohealthyError, ScanError
 from pseudohealthy.model import checkpoint
 from pseudohealthy.model import network as model
@@ -168,7 +162,8 @@ def test_restore_volume_collects_everything(volume, ensemble) -> None:
     np.testing.assert_array_equal(res.pseudo_healthy[untouched], volume.data[untouched])
     assert not res.anomaly[untouched].any() and not res.member_maps[:, untouched].any()
     assert np.abs(res.pseudo_healthy - volume.data)[~untouched].max() > 0
-    assert res.volume_score == pytest.approx(volume_score(res.anomaly, ~untouched))
+    assert res.volume_score == pytest.approx(np.mean([res.slice_scores[4], res.slice_scores[6]]))
+    assert res.record.to_dict()["volume_score"] == res.volume_score
     assert res.settings["sampler"] == "ddim" and res.settings["n_steps"] == 4
     assert res.settings["t_start"] is None and res.settings["image_size"] == 32
     assert res.timings["total_s"] >= sum(res.timings["per_slice_s"].values()) > 0
@@ -189,11 +184,12 @@ def test_default_is_every_foreground_slice(volume, ensemble) -> None:
 def test_unconditioned_baseline_uses_partial_noising(volume, baseline_dir: Path) -> None:
     ens = Ensemble.from_dir(baseline_dir)
     assert not ens.conditioned
-    res = restore_volume(volume, ens, RestoreSettings(device="cpu"), slices=[5])
-    assert res.settings["t_start"] == batching.DEFAULT_T_START == 250
+    res = restore_volume(volume, ens, RestoreSettings(sampler="ddpm", steps=50, device="cpu"), slices=[5])
+    assert res.settings["t_start"] == BASELINE_T_START == 250
     assert res.settings["n_steps"] == 1 + 13  # t = 250, then 240, 220, ..., 0 of the 50-step DDPM
     assert res.anomaly[:, :, 5].max() > 0 and np.isfinite(res.pseudo_healthy).all()
-    shallow = restore_volume(volume, ens, RestoreSettings(device="cpu", t_start=30), slices=[5])
+    shallow_settings = RestoreSettings(sampler="ddpm", steps=50, device="cpu", t_start=30)
+    shallow = restore_volume(volume, ens, shallow_settings, slices=[5])
     assert shallow.settings["n_steps"] == 1 + 2
     # starting closer to the input leaves the restoration closer to it
     assert shallow.slice_scores[5] < res.slice_scores[5]
@@ -202,17 +198,17 @@ def test_unconditioned_baseline_uses_partial_noising(volume, baseline_dir: Path)
 
 
 def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, caplog) -> None:
-    real = restore._denoise_batch
+    real = restore.restore_frame_steps
     sizes: list[int] = []
 
-    def flaky(models, cond, noise, settings, **kw):
-        sizes.append(cond.shape[0])
-        if cond.shape[0] > 1:
+    def flaky(models, names, images, *args, **kw):
+        sizes.append(images.shape[0])
+        if images.shape[0] > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        yield from real(models, cond, noise, settings, **kw)
+        yield from real(models, names, images, *args, **kw)
 
     expected = _results(restore_iter(volume, ensemble, _fast(batch_size=1), slices=[3, 4, 5, 6]))
-    monkeypatch.setattr(restore, "_denoise_batch", flaky)
+    monkeypatch.setattr(restore, "restore_frame_steps", flaky)
     with caplog.at_level(logging.WARNING, logger="pseudohealthy.engine.restore"):
         got = _results(restore_iter(volume, ensemble, _fast(batch_size=4), slices=[3, 4, 5, 6]))
     assert sizes == [4, 2, 1, 1, 1, 1]
@@ -221,18 +217,18 @@ def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, capl
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a.anomaly, b.anomaly, atol=1e-6)
 
-    def always(models, cond, noise, settings, **kw):
+    def always(*args, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         yield
 
-    monkeypatch.setattr(restore, "_denoise_batch", always)
+    monkeypatch.setattr(restore, "restore_frame_steps", always)
     with pytest.raises(DeviceError, match="even with one slice"):
         list(restore_iter(volume, ensemble, _fast(batch_size=2), slices=[3, 4]))
 
 
 def test_samplers_and_settings_errors(volume, ensemble) -> None:
-    for sampler, steps in (("dpm", 3), ("ddpm", 2)):
-        res = _results(restore_iter(volume, ensemble, _fast(sampler=sampler, steps=steps), slices=[5]))
+    for name, steps in (("dpm", 3), ("ddpm", 2)):
+        res = _results(restore_iter(volume, ensemble, _fast(sampler=name, steps=steps), slices=[5]))
         assert res[0].anomaly.max() > 0
     for bad in ({"sampler": "euler"}, {"steps": 0}, {"seed": -1}, {"batch_size": 0}, {"precision": "fp8"}):
         with pytest.raises(SettingsError, match=next(iter(bad))):
@@ -254,11 +250,11 @@ def test_normalisation_from_member_metadata(volume, tmp_path: Path) -> None:
 
 
 def test_slice_seed_is_stable_and_distinct() -> None:
-    s = batching.slice_seed(0, 5, "fold0")
-    assert s == batching.slice_seed(0, 5, "fold0")
+    s = sampler.slice_seed(0, 5, "fold0")
+    assert s == sampler.slice_seed(0, 5, "fold0")
     others = {
-        batching.slice_seed(0, 6, "fold0"),
-        batching.slice_seed(1, 5, "fold0"),
-        batching.slice_seed(0, 5, "x"),
+        sampler.slice_seed(0, 6, "fold0"),
+        sampler.slice_seed(1, 5, "fold0"),
+        sampler.slice_seed(0, 5, "x"),
     }
     assert s not in others and len(others) == 3

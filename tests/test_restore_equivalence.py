@@ -11,7 +11,8 @@ import torch
 from conftest import phantom
 from pseudohealthy.data.io import volume_from_array
 from pseudohealthy.engine.reference import naive_maps, random_ensemble
-from pseudohealthy.engine.restore import RestoreSettings, prepare_for, restore_volume
+from pseudohealthy.engine.restore import prepare_for, restore_volume
+from pseudohealthy.engine.settings import RestoreSettings
 from pseudohealthy.model.checkpoint import Ensemble
 
 TOLERANCE = 1e-4  # max abs difference of the ensemble maps (float32 on the CPU, batch 3 vs 1)

@@ -19,10 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from pseudohealthy.cli import main
-from pseudohealthy.data.dataset import HealthySlices, collect_scans
+from pseudohealthy.data.dataset import HealthySlices, collect_training_scans
 from pseudohealthy.model.checkpoint import Ensemble, load_checkpoint
 from pseudohealthy.model.ema import EMA, ema_decay
-from pseudohealthy.training.train import LATEST, STATE_DIR, EarlyStop, TrainConfig, TrainError, train_member
+from pseudohealthy.training.config import TrainConfig, TrainError
+from pseudohealthy.training.logs import EarlyStop
+from pseudohealthy.training.loop import train_member
+from pseudohealthy.training.state import LATEST, STATE_DIR
 
 SIZE = 32
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -49,7 +52,7 @@ def ixi_dir(tmp_path_factory, shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def slices(ixi_dir) -> HealthySlices:
-    return HealthySlices.from_scans(collect_scans([ixi_dir]), size=SIZE, seed=0)
+    return HealthySlices.from_scans(collect_training_scans([ixi_dir]), size=SIZE, seed=0)
 
 
 def tiny_config(**kw) -> TrainConfig:
@@ -130,6 +133,28 @@ def test_member_loads_with_metadata(slices, tmp_path):
     with pytest.raises(TrainError, match="already"):
         train_member(slices, out, config)
     assert train_member(slices, out, config, resume=True) == out
+
+
+def test_best_validation_threshold_is_recorded(slices, tmp_path, monkeypatch):
+    out = train_member(slices, tmp_path / "plain", tiny_config(steps=2, val_every=1))
+    assert "best_threshold" in load_checkpoint(out)[1]["validation"]  # None until validate gives one
+    # moving averages 0.5, 0.49, 0.531, 0.5679: the best validation is step 2's
+    scores = iter([(0.5, 0.1), (0.4, 0.2), (0.9, 0.3), (0.9, 0.4)])
+
+    def fake_validate(*args, **kwargs):
+        loss, threshold = next(scores)
+        return {"val_loss": loss, "val_ap": 0.5, "val_threshold": threshold}
+
+    monkeypatch.setattr("pseudohealthy.training.loop.validate", fake_validate)
+    out = train_member(slices, tmp_path / "fake", tiny_config(steps=4, val_every=1, ckpt_every=2))
+    val = load_checkpoint(out)[1]["validation"]
+    assert val["best_step"] == 2 and val["best_threshold"] == pytest.approx(0.2)
+    pointer = json.loads((out / STATE_DIR / LATEST).read_text())
+    state = json.loads((out / STATE_DIR / pointer["state"]).read_text())
+    assert state["early_stop"]["best_val_threshold"] == pytest.approx(0.2)  # kept for a resume
+    # a state written before thresholds were recorded still resumes
+    old = {k: v for k, v in state["early_stop"].items() if k != "best_val_threshold"}
+    assert EarlyStop.from_dict(old, patience=0).best_val_threshold is None
 
 
 def _state_tensors(member: Path) -> dict[str, torch.Tensor]:

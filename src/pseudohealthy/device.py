@@ -8,13 +8,13 @@ from collections.abc import Iterator
 
 import torch
 
+from pseudohealthy.engine.defaults import PRECISIONS
 from pseudohealthy.errors import PseudohealthyError
 
 __all__ = ["DeviceError", "autocast", "autocast_dtype", "available_devices", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 class DeviceError(PseudohealthyError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pseudohealthy.engine.defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, default_steps
 from pseudohealthy.errors import PseudohealthyError
 
 OUTPUTS = ("metrics.json", "pr_curve.png", "roc_curve.png")
@@ -43,9 +44,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     maps.add_argument("--restorations", type=Path, help="folder of <name>_anomaly.nii.gz to reuse")
     maps.add_argument("--ensemble", type=Path, help="ensemble folder to restore scans without a map")
     maps.add_argument(
-        "--sampler", default="ddpm", choices=("ddpm", "ddim", "dpm"), help="sampler (default ddpm)"
+        "--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help=f"sampler (default {DEFAULT_SAMPLER})"
     )
-    maps.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    steps = ", ".join(f"{n} for {name}" for name, n in DEFAULT_STEPS.items())
+    maps.add_argument("--steps", type=int, help=f"sampling steps (default: {steps})")
     maps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     maps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     maps.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
@@ -64,7 +66,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _cases(args: argparse.Namespace):
-    from pseudohealthy.evaluation.evaluate import cases_from_csv, cases_from_dir, cases_from_lists
+    from pseudohealthy.evaluation.testsets import cases_from_csv, cases_from_dir, cases_from_lists
 
     modes = [bool(args.scans or args.masks), args.pairs is not None, args.dataset_dir is not None]
     if sum(modes) != 1:
@@ -83,7 +85,7 @@ def _check(args: argparse.Namespace, cases) -> None:
         raise PseudohealthyError(f"--size must be at least 16, got {args.size}")
     if args.slices_per_volume is not None and args.slices_per_volume < 1:
         raise PseudohealthyError(f"--slices-per-volume must be at least 1, got {args.slices_per_volume}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise PseudohealthyError(f"--steps must be at least 1, got {args.steps}")
     if args.restorations is None and args.ensemble is None:
         raise PseudohealthyError("give --restorations (existing anomaly maps) and/or --ensemble")
@@ -100,7 +102,7 @@ def _check(args: argparse.Namespace, cases) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from pseudohealthy.engine.restore import RestoreSettings
+    from pseudohealthy.engine.settings import RestoreSettings
 
     return RestoreSettings(
         sampler=args.sampler,
@@ -116,14 +118,10 @@ def run(args: argparse.Namespace) -> int:
     """Gather the test set, get the maps, pool, write metrics.json and the plots; returns 0."""
     from tqdm import tqdm
 
-    from pseudohealthy.evaluation.evaluate import (
-        case_entries,
-        evaluate_maps,
-        find_restoration,
-        format_table,
-        save_plots,
-        to_json,
-    )
+    from pseudohealthy.data.files import write_text
+    from pseudohealthy.evaluation.cases import case_entries
+    from pseudohealthy.evaluation.pooling import evaluate_maps, format_table, save_plots, to_json
+    from pseudohealthy.evaluation.testsets import find_restoration
 
     quiet = bool(getattr(args, "quiet", False))
     cases = _cases(args)
@@ -138,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         raise PseudohealthyError(
             f"{args.ensemble}: ensemble folder not found (needed for {', '.join(missing)})"
         )
+    if args.steps is None:
+        args.steps = default_steps(args.sampler)
     restore_settings = _settings(args) if missing else None
 
     def load_ensemble():
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         entries, size=args.size, invert_baseline=args.invert_baseline, progress=bar, settings=settings
     )
     metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(to_json(result))
+    write_text(metrics_path, to_json(result))
     pr_path, roc_path = save_plots(result, out_dir, method)
     print(format_table(result, method))
     if not quiet:

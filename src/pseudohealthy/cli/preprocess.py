@@ -93,9 +93,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _scans(args: argparse.Namespace) -> list[Path]:
-    from pseudohealthy.data.dataset import collect_scans
+    from pseudohealthy.data.dataset import find_scans
 
-    return [scan for scan, _ in collect_scans(args.scans, "none")]
+    return find_scans(args.scans)
 
 
 def _per_scan(paths: list[Path] | None, scans: list[Path], what: str, option: str) -> list[Path | None]:

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from pseudohealthy.engine.defaults import (
+    BASELINE_T_START,
+    COMPILE_MODES,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    PRECISIONS,
+    SAMPLERS,
+    default_steps,
+)
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 OUTPUT_SUFFIXES = ("_pseudohealthy", "_anomaly", "_restore", "_preview")
-DPM_STEPS = 20
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -32,19 +39,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("scans", nargs="+", type=Path, metavar="SCAN", help="NIfTI scans or folders of them")
     parser.add_argument("--ensemble", type=Path, required=True, help="ensemble folder (or one checkpoint)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="ddpm", help="default ddpm")
     parser.add_argument(
-        "--steps", type=int, help=f"sampler steps (default 50; {DPM_STEPS} for dpm) — one network call each"
+        "--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"default {DEFAULT_SAMPLER}"
     )
+    steps = ", ".join(f"{n} for {s}" for s, n in DEFAULT_STEPS.items())
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default {steps}) — one network call each")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument(
-        "--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="default auto"
+        "--precision", default=PRECISIONS[0], choices=PRECISIONS, help=f"default {PRECISIONS[0]}"
     )
     parser.add_argument("--batch-size", type=int, help="slices per batch (default: 8 on CPU, 32 on GPU)")
     parser.add_argument(
         "--compile",
-        choices=("default", "reduce-overhead", "max-autotune"),
+        choices=COMPILE_MODES,
         help="torch.compile the members (reduce-overhead: also CUDA graphs); for GPUs: "
         "no gain measured on the CPU, and compiling takes minutes there (default: off)",
     )
@@ -64,7 +72,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--t-start",
         type=int,
-        help="partial-noising depth (default: 250 for an unconditioned ensemble, pure noise otherwise)",
+        help=f"partial-noising depth (default: {BASELINE_T_START} for an unconditioned ensemble, "
+        "pure noise otherwise)",
     )
     parser.add_argument(
         "--lesion-mask", type=Path, help="lesion mask NIfTI, outlined in the preview (one scan only)"
@@ -100,10 +109,6 @@ def parse_slices(spec: str | None, n_z: int) -> list[int] | None:
     return out
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith((".nii", ".nii.gz"))
-
-
 def _is_output(path: Path) -> bool:
     from pseudohealthy.data.io import scan_name
 
@@ -113,10 +118,14 @@ def _is_output(path: Path) -> bool:
 
 def collect_scans(paths: list[Path]) -> list[Path]:
     """Files as given; folders -> their NIfTI files (sorted), skipping this command's outputs."""
+    from pseudohealthy.data.io import is_nifti_name
+
     scans: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and _is_nifti(p) and not _is_output(p))
+            found = sorted(
+                p for p in path.iterdir() if p.is_file() and is_nifti_name(p) and not _is_output(p)
+            )
             if not found:
                 print(f"pseudohealthy restore: warning: no NIfTI scans in folder {path}", file=sys.stderr)
             scans.extend(found)
@@ -179,6 +188,7 @@ def restore_scan(
     import numpy as np
 
     from pseudohealthy import __version__
+    from pseudohealthy.data.files import write_json
     from pseudohealthy.data.io import load_mask, load_scan, save_like, scan_name
     from pseudohealthy.engine.restore import restore_volume
 
@@ -209,7 +219,7 @@ def restore_scan(
         for m, member in enumerate(result.members):
             save_like(result.member_maps[m], volume, outputs[f"anomaly_{member}"], overwrite=args.overwrite)
     if preview:
-        from pseudohealthy.figures.preview import pick_slices, save_preview
+        from pseudohealthy.figures.preview import highest_scoring, save_preview
 
         lesion = load_mask(args.lesion_mask, volume) if getattr(args, "lesion_mask", None) else None
         save_preview(
@@ -217,7 +227,7 @@ def restore_scan(
             volume.data,
             result.pseudo_healthy,
             result.anomaly,
-            pick_slices(result.slice_scores, 4),
+            highest_scoring(result.slice_scores, 4),
             lesion=lesion,
             title=f"{volume.name}: volume score {result.volume_score:.4f}",
             spacing=volume.spacing[:2],
@@ -227,22 +237,11 @@ def restore_scan(
         "name": volume.name,
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "ensemble": {"path": str(ensemble.path or ""), "members": ensemble.describe()},
         "brain_mask": str(args.brain_mask) if args.brain_mask else None,
-        "device": result.device,
-        "settings": result.settings,
-        "volume_score": result.volume_score,
-        "slice_scores": {str(k): float(v) for k, v in sorted(result.slice_scores.items())},
-        "restored_slices": sorted(result.restored),
-        "seeds": {str(k): [int(s) for s in v] for k, v in sorted(result.seeds.items())},
-        "timings": {
-            **{k: v for k, v in result.timings.items() if k != "per_slice_s"},
-            "per_slice_s": {str(k): float(v) for k, v in sorted(result.timings["per_slice_s"].items())},
-        },
+        **result.record.to_dict(),
         "outputs": {k: str(v) for k, v in outputs.items()},
     }
-    text = json.dumps(record, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-    outputs["json"].write_text(text + "\n", encoding="utf-8")
+    write_json(outputs["json"], record, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     written.update(p.resolve() for p in outputs.values())
     if not quiet:
         print(
@@ -255,10 +254,10 @@ def restore_scan(
 def run(args: argparse.Namespace) -> int:
     """Restore every scan; a bad scan is reported in one line and skipped. Returns 0, or 2 if any failed."""
     from pseudohealthy.device import resolve_device
-    from pseudohealthy.engine.restore import RestoreSettings
+    from pseudohealthy.engine.settings import RestoreSettings
     from pseudohealthy.model.checkpoint import Ensemble
 
-    steps = args.steps if args.steps is not None else (DPM_STEPS if args.sampler == "dpm" else 50)
+    steps = args.steps if args.steps is not None else default_steps(args.sampler)
     settings = RestoreSettings(
         sampler=args.sampler,
         steps=steps,

@@ -6,8 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
-
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 GALLERY_SLICES = 3
@@ -59,6 +57,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Corrupt, map back, write; returns 0."""
+    import numpy as np
     from tqdm import tqdm
 
     from pseudohealthy.data.anomalies import TASKS, load_inter_sources

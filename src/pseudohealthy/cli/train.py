@@ -10,7 +10,7 @@ from typing import Any
 
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
-log = logging.getLogger("pseudohealthy.training.train")
+log = logging.getLogger("pseudohealthy.training")
 
 # CLI option -> TrainConfig field
 _FIELDS = {
@@ -144,7 +144,7 @@ def _lesion_masks(args: argparse.Namespace, scans: list) -> list[Path | None] | 
 
 def _config(args: argparse.Namespace, folds: list[int], device_type: str) -> Any:
     """TrainConfig from: options given > the settings of a run being resumed > preset defaults."""
-    from pseudohealthy.training.train import TrainConfig, member_dir, read_saved_config
+    from pseudohealthy.training.config import TrainConfig, member_dir, read_saved_config
 
     given = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt) is not None}
     if "inter_dir" in given:
@@ -180,7 +180,8 @@ def _config(args: argparse.Namespace, folds: list[int], device_type: str) -> Any
 
 def _check_outputs(args: argparse.Namespace, folds: list[int]) -> None:
     from pseudohealthy.model.checkpoint import is_checkpoint_dir
-    from pseudohealthy.training.train import LATEST, STATE_DIR, member_dir
+    from pseudohealthy.training.config import member_dir
+    from pseudohealthy.training.state import LATEST, STATE_DIR
 
     if args.resume:
         return
@@ -194,14 +195,17 @@ def _check_outputs(args: argparse.Namespace, folds: list[int]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the data once, then train each fold; returns 0."""
-    from pseudohealthy.data.dataset import HealthySlices, collect_scans
-    from pseudohealthy.training.train import init_distributed, train_ensemble
+    from pseudohealthy.data.dataset import HealthySlices, collect_training_scans
+    from pseudohealthy.training.distributed import init_distributed
+    from pseudohealthy.training.loop import train_ensemble
 
     folds = parse_folds(args.fold, args.folds)
     dist_info, device = init_distributed(args.device)
     config = _config(args, folds, device.type)
     _check_outputs(args, folds)
-    scans = collect_scans(args.data, args.brain_mask_pattern, exclude=args.exclude, include=args.include)
+    scans = collect_training_scans(
+        args.data, args.brain_mask_pattern, exclude=args.exclude, include=args.include
+    )
     lesions = _lesion_masks(args, scans)
     quiet = config.quiet or not dist_info.is_main
     if not quiet:

@@ -1,6 +1,7 @@
 """Training data: healthy slices in memory, corrupted on the fly with the fold's synthetic tasks.
 
-- :func:`collect_scans` finds NIfTI scans (files or folders) and their optional brain masks.
+- :func:`find_scans` finds NIfTI scans (files or folders, skipping masks);
+  :func:`collect_training_scans` adds each scan's optional brain mask.
 - :class:`HealthySlices` loads every scan once into model-frame slices and splits them into
   training and held-out slices by volume.
 - :class:`CorruptedSliceDataset` corrupts training slices with the fold's 3 training tasks;
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pseudohealthy.data.anomalies import Corruptor, keyed_rng, sample_rng, task_indices
-from pseudohealthy.data.io import load_mask, load_scan, scan_name
+from pseudohealthy.data.io import is_nifti_name, load_mask, load_scan, scan_name
 from pseudohealthy.data.preprocess import prepare_scan
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
@@ -37,8 +38,9 @@ __all__ = [
     "HealthySlices",
     "ValidationSet",
     "build_validation",
-    "collect_scans",
+    "collect_training_scans",
     "companion_path",
+    "find_scans",
     "split_holdout",
 ]
 
@@ -47,10 +49,6 @@ log = logging.getLogger(__name__)
 MASK_WORDS = ("mask", "seg", "label", "otmulticlass")  # file names skipped when searching folders
 AUTO_BRAIN_MASKS = ("{stem}_brainmask.nii.gz", "{stem}_brainmask.nii", "brainmask.nii.gz", "brainmask.nii")
 _SPLIT_KEY, _VAL_KEY, _SAMPLER_KEY = 11, 12, 13  # keyed_rng stream names
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
 def _looks_like_mask(path: Path) -> bool:
@@ -88,27 +86,21 @@ def _brain_mask_for(scan: Path, pattern: str | None) -> Path | None:
     return path
 
 
-def collect_scans(
-    paths: Iterable[str | Path],
-    brain_mask_pattern: str | None = None,
-    *,
-    exclude: Sequence[str] = (),
-    include: Sequence[str] = (),
-) -> list[tuple[Path, Path | None]]:
-    """``(scan, brain mask or None)`` for every NIfTI file given or found under given folders.
+def find_scans(
+    paths: Iterable[str | Path], *, exclude: Sequence[str] = (), include: Sequence[str] = ()
+) -> list[Path]:
+    """Every NIfTI file given or found under given folders, resolved, each once, in order.
 
-    Folders are searched recursively for ``*.nii`` / ``*.nii.gz``, skipping names that look
-    like masks (:data:`MASK_WORDS`); ``exclude`` / ``include`` are glob patterns on the file
-    name or path. Brain masks: ``brain_mask_pattern`` such as ``"{stem}_brainmask.nii.gz"``
-    (required for every scan), ``None`` for a sibling ``brainmask.nii.gz`` or
-    ``{stem}_brainmask.nii.gz`` when present, ``"none"`` for no masks.
-    Raises :class:`ScanError` when a path is missing or no scan is found.
+    Folders are searched recursively for ``*.nii`` / ``*.nii.gz`` (:func:`is_nifti_name`),
+    skipping names that look like masks (:data:`MASK_WORDS`); ``exclude`` / ``include`` are glob
+    patterns on the file name or path. Raises :class:`ScanError` when a path is missing or no
+    scan is found.
     """
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _is_nifti(p))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_nifti_name(p))
             files = [p for p in files if not _looks_like_mask(p)]
         elif path.is_file():
             files = [path]
@@ -122,7 +114,25 @@ def collect_scans(
     if not unique:
         given = ", ".join(str(p) for p in paths) or "(nothing)"
         raise ScanError(None, f"no NIfTI scans found in {given}")
-    return [(p, _brain_mask_for(p, brain_mask_pattern)) for p in unique]
+    return unique
+
+
+def collect_training_scans(
+    paths: Iterable[str | Path],
+    brain_mask_pattern: str | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    include: Sequence[str] = (),
+) -> list[tuple[Path, Path | None]]:
+    """``(scan, brain mask or None)`` for every scan :func:`find_scans` finds in ``paths``.
+
+    Brain masks: ``brain_mask_pattern`` such as ``"{stem}_brainmask.nii.gz"`` (required for
+    every scan), ``None`` for a sibling ``brainmask.nii.gz`` or ``{stem}_brainmask.nii.gz`` when
+    present, ``"none"`` for no masks. Raises :class:`ScanError` when a path is missing, no scan is
+    found or a required brain mask is missing.
+    """
+    scans = find_scans(paths, exclude=exclude, include=include)
+    return [(p, _brain_mask_for(p, brain_mask_pattern)) for p in scans]
 
 
 def split_holdout(volume_ids: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

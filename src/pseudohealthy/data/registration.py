@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from pseudohealthy.data.io import Volume, load_mask, load_scan
+from pseudohealthy.data.files import write_text
+from pseudohealthy.data.io import Volume, is_nifti_name, load_mask, load_scan
 from pseudohealthy.data.preprocess import foreground_mask
 from pseudohealthy.errors import PseudohealthyError, ScanError, ScanWarning
 
@@ -92,7 +93,7 @@ def _solid(mask: np.ndarray) -> np.ndarray:
 
 
 def _find(folder: Path, words: Sequence[str], exclude: Sequence[str] = ()) -> Path | None:
-    names = sorted(p for p in folder.iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
+    names = sorted(p for p in folder.iterdir() if is_nifti_name(p))
     for p in names:
         low = p.name.lower()
         if all(w in low for w in words) and not any(x in low for x in exclude):
@@ -285,12 +286,10 @@ class AffineTransform:
         path = Path(path)
         if path.exists() and not overwrite:
             raise ScanError(path, "already exists (choose another folder or allow overwriting)")
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2)
         # one matrix row per line
         text = re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
-        path.write_text(text + "\n")
-        return path
+        return write_text(path, text + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> AffineTransform:

@@ -10,6 +10,8 @@ about 1.2 ms per 128x128 slice on one CPU core, so no vectorised re-implementati
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from skimage.metrics import structural_similarity
 
@@ -20,6 +22,7 @@ __all__ = [
     "WIN_SIZE",
     "anomaly_map",
     "ensemble_map",
+    "foreground_mean",
     "slice_scores",
     "volume_score",
 ]
@@ -105,7 +108,17 @@ def slice_scores(maps: np.ndarray) -> np.ndarray:
     return stack.reshape(stack.shape[0], -1).mean(axis=1, dtype=np.float64)
 
 
-def volume_score(maps: np.ndarray, foreground: np.ndarray | None = None) -> float:
+def volume_score(scores: Iterable[float]) -> float | None:
+    """The volume score of a run: the mean of its restored slices' scores (:func:`slice_scores`).
+
+    The one definition, used by ``restore.json``, the viewer and the run record alike; None when
+    no slice is restored.
+    """
+    values = [float(s) for s in scores]
+    return float(np.mean(values, dtype=np.float64)) if values else None
+
+
+def foreground_mean(maps: np.ndarray, foreground: np.ndarray | None = None) -> float:
     """Mean of ``maps`` over the ``foreground`` voxels (all voxels when None; 0 if empty)."""
     maps = np.asarray(maps)
     if foreground is None:

@@ -2,7 +2,7 @@
 
 The pattern of the reference release (no batching, no autocast), kept as the yardstick of the
 engine (:mod:`pseudohealthy.engine.restore`): it draws the same per-slice noise
-(:func:`~pseudohealthy.engine.batching.slice_seed`), so for the same settings it must give the same maps
+(:func:`~pseudohealthy.engine.sampler.slice_seed`), so for the same settings it must give the same maps
 (``tests/test_restore_equivalence.py``) and ``benchmarks/bench_restore.py`` times both.
 """
 
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from pseudohealthy.data.preprocess import PreparedScan
-from pseudohealthy.engine.batching import DEFAULT_T_START, noise_draws, run_timesteps, slice_seed
 from pseudohealthy.engine.maps import anomaly_map, ensemble_map
-from pseudohealthy.engine.restore import RestoreSettings
+from pseudohealthy.engine.sampler import denoise, slice_noise, slice_seed
+from pseudohealthy.engine.settings import RestoreSettings
 from pseudohealthy.model.checkpoint import Ensemble
-from pseudohealthy.model.diffusion import denoise_steps, from_model_range, slice_noise, to_model_range
+from pseudohealthy.model.diffusion import from_model_range, to_model_range
 
 __all__ = ["naive_maps"]
 
@@ -38,10 +38,7 @@ def naive_maps(
     """
     device = torch.device(device)
     schedule = ensemble.schedule
-    t_start = settings.t_start
-    if t_start is None and not ensemble.conditioned:
-        t_start = DEFAULT_T_START
-    n_draws = noise_draws(settings.sampler, len(run_timesteps(settings, schedule, t_start)))
+    plan = settings.plan(schedule, conditioned=ensemble.conditioned)
     position = {int(k): j for j, k in enumerate(prepared.indices)}
     size = prepared.geometry.size
     maps: dict[int, list[np.ndarray]] = {int(k): [] for k in slices}
@@ -50,17 +47,10 @@ def naive_maps(
         for k in maps:
             j = position[k]
             image = to_model_range(torch.from_numpy(prepared.images[j][None, None]).to(device))
-            noise = slice_noise([slice_seed(settings.seed, k, member.name)], n_draws, (1, size, size), device)
-            *_, (_, _, x) = denoise_steps(
-                net,
-                image if ensemble.conditioned else None,
-                schedule,
-                sampler=settings.sampler,
-                steps=settings.steps,
-                noise=noise,
-                t_start=t_start,
-                x_start=image if t_start is not None else None,
-            )
+            seed = slice_seed(settings.seed, k, member.name)
+            noise = slice_noise([seed], plan.n_draws, (1, size, size), device)
+            cond = image if ensemble.conditioned else None
+            *_, (_, x) = denoise(net, cond, plan, schedule, noise, image)
             rest = from_model_range(x)[0, 0].cpu().numpy()
             maps[k].append(
                 anomaly_map(rest, prepared.images[j], prepared.masks[j], faithful=settings.faithful_ssim)
@@ -72,17 +62,19 @@ def random_ensemble(folder: Path, preset: str = "tiny", n_members: int = 2) -> P
     """Write ``n_members`` randomly initialised checkpoints of ``preset`` (folds 0..) to ``folder``.
 
     For speed benchmarks and equivalence tests: the output head is set non-zero, so that the
-    sampler does real work. Member ``m`` is seeded with ``m``; returns ``folder``.
+    sampler does real work. Member ``m`` is initialised from seed ``m`` in a forked torch RNG
+    (the caller's global random state is left as it was); returns ``folder``.
     """
     from pseudohealthy.model import checkpoint
     from pseudohealthy.model import network as model
 
     cfg = model.get_preset(preset)
     for m in range(n_members):
-        torch.manual_seed(m)
-        net = model.build_model(cfg)
-        with torch.no_grad():
-            for p in net.unet.out.parameters():
-                p.normal_(0, 0.05)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(m)
+            net = model.build_model(cfg)
+            with torch.no_grad():
+                for p in net.unet.out.parameters():
+                    p.normal_(0, 0.05)
         checkpoint.save_checkpoint(net, cfg, {"fold": m}, folder / f"fold{m}")
     return folder

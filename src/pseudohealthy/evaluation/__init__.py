@@ -1,2 +1,3 @@
-"""Stage 4, evaluation: the benchmark's metrics (:mod:`.metrics`), pooled over test volumes
-(:mod:`.evaluate`)."""
+"""Stage 4, evaluation: the benchmark's metrics (:mod:`.metrics`) pooled over test volumes in the
+benchmark's frame (:mod:`.pooling`), the test sets on disk (:mod:`.testsets`) and each test case
+turned into an entry, its anomaly map reused or restored (:mod:`.cases`)."""

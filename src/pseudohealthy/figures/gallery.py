@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pseudohealthy.data.files import atomic_write
+
 __all__ = ["GalleryItem", "save_gallery"]
 
 # (original, corrupted, mask) or (original, corrupted, mask, label)
@@ -68,7 +70,4 @@ def save_gallery(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pseudohealthy.data.files import atomic_write
+
 __all__ = ["save_pr_curves", "save_roc_curves", "thin_curve"]
 
 CurvePoints = tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]
@@ -59,10 +61,7 @@ def _save(
         ax.set_title(title, fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def save_pr_curves(

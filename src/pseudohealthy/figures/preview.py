@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["pick_slices", "save_preview"]
+from pseudohealthy.data.files import atomic_write
+
+__all__ = ["highest_scoring", "save_preview"]
 
 
-def pick_slices(slice_scores: Mapping[int, float], n: int = 4) -> list[int]:
+def highest_scoring(slice_scores: Mapping[int, float], n: int = 4) -> list[int]:
     """The ``n`` highest-scoring slices, in axis order (evenly spread if scores tie)."""
     if not slice_scores:
         return []
@@ -74,8 +76,8 @@ def save_preview(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+    finally:
+        plt.close(fig)
     return path

@@ -276,18 +276,28 @@ class Member:
         """Forget the cached networks (frees their memory)."""
         self._models.clear()
 
+    @property
+    def threshold(self) -> float | None:
+        """The best-Dice threshold on the member's synthetic validation anomalies, as training
+        recorded it (``validation.best_threshold``); None when not recorded."""
+        value = _first(self.info, "validation.best_threshold")
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
     def describe(self) -> dict[str, Any]:
-        """A summary for display: name, path, modality, fold, tasks, validation score."""
+        """A summary for display: name, path, modality, fold, tasks, validation figures, threshold.
+
+        Reads only the keys the trainer writes (:mod:`pseudohealthy.training`).
+        """
         return {
             "name": self.name,
             "path": str(self.path),
-            "modality": _first(self.info, "modality", "data.modality"),
+            "modality": _first(self.info, "modality"),
             "fold": _first(self.info, "fold"),
             "train_tasks": _first(self.info, "train_tasks"),
             "val_tasks": _first(self.info, "val_tasks"),
-            "val_loss": _first(
-                self.info, "validation.best_val_loss", "validation.val_loss", "best_val_loss", "val_loss"
-            ),
+            "val_loss": _first(self.info, "validation.best_val_loss"),
+            "val_ap": _first(self.info, "validation.best_val_ap"),
+            "threshold": self.threshold,
             "image_size": self.image_size,
             "conditioned": self.conditioned,
             "package_version": self.info.get("package_version"),

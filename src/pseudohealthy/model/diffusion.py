@@ -1,28 +1,13 @@
-"""Diffusion maths: the noise schedule, the training loss and the samplers.
-
-Images are in the model range ``[-1, 1]`` here (:func:`to_model_range` maps ``[0, 1]`` in).
-The network predicts the noise ``eps`` (epsilon prediction). All samplers clip the predicted
-``x0`` to ``[-1, 1]`` and take every step with scalar coefficients computed in float64 on the
-host, so the loop never copies between host and device.
-
-Samplers (:func:`denoise_steps`):
-
-- ``"ddpm"``: ancestral sampling (the reference's default, 50 steps at t = 980, 960, ..., 0),
-  each step drawing from the exact posterior ``q(x_s | x_t, x0)`` between consecutive
-  timesteps ``t > s`` (fixed-small variance).
-- ``"ddim"``: deterministic DDIM (eta = 0).
-- ``"dpm"``: DPM-Solver++(2M) (Lu et al. 2022), deterministic second-order multistep solver in
-  x0-prediction, on timesteps evenly spaced in log-SNR; 10-20 steps.
-
-Per-slice reproducibility: every random draw of a sampler comes from ``noise``, a tensor of
-pre-drawn Gaussian noise ``(n_draws, B, C, H, W)``; :func:`slice_noise` draws each slice's
-noise from its own seeded generator, so a slice's result does not depend on the batch.
+"""Diffusion maths: the noise schedule (:class:`Schedule`), the training objective
+(:func:`training_loss`) and the model range ``[-1, 1]`` (:func:`to_model_range` maps ``[0, 1]``
+in). The network predicts the noise ``eps`` (epsilon prediction). The samplers that run a
+schedule backwards live in :mod:`pseudohealthy.engine.sampler`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -30,19 +15,8 @@ from torch import nn
 
 from pseudohealthy.model.network import ConfigError
 
-__all__ = [
-    "SAMPLERS",
-    "Schedule",
-    "denoise_steps",
-    "from_model_range",
-    "n_noise_draws",
-    "sampler_timesteps",
-    "slice_noise",
-    "to_model_range",
-    "training_loss",
-]
+__all__ = ["Schedule", "from_model_range", "to_model_range", "training_loss"]
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -99,6 +73,10 @@ class Schedule:
     def __hash__(self) -> int:
         return hash(tuple(self.to_dict().items()))
 
+    def abar_list(self) -> list[float]:
+        """``alpha_bar_t`` for every ``t`` in float64 (a copy)."""
+        return list(self._abar64)
+
     def abar(self, t: int) -> float:
         """``alpha_bar_t`` in float64; ``t < 0`` means the clean image (1.0)."""
         return 1.0 if t < 0 else self._abar64[t]
@@ -123,13 +101,6 @@ class Schedule:
         if abar.ndim:
             abar = abar.view(-1, *([1] * (x0.ndim - 1)))
         return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
-
-    def to(self, device: torch.device | str) -> Schedule:
-        """Move the tensors to ``device`` (in place; returns self)."""
-        self.betas = self.betas.to(device)
-        self.alphas = self.alphas.to(device)
-        self.alphas_cumprod = self.alphas_cumprod_on(device)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"T": self.T, "beta_start": self.beta_start, "beta_end": self.beta_end, "kind": self.kind}
@@ -190,133 +161,3 @@ def training_loss(
         per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
     loss = per_sample.mean()
     return (loss, per_sample) if return_per_sample else loss
-
-
-def sampler_timesteps(sampler: str, steps: int, T: int = 1000, schedule: Schedule | None = None) -> list[int]:
-    """Descending timesteps a sampler visits (one network call each).
-
-    ``ddpm`` / ``ddim``: evenly spaced from 0 with stride ``T // steps`` (50 steps: 980, 960,
-    ..., 0, as the reference). ``dpm``: from ``T-1`` to 0 evenly spaced in log-SNR (of
-    ``schedule``, default the linear one), which suits a few-step solver far better than even
-    spacing in t (see ``tests/test_diffusion.py``); distinct integers, always ending at 0.
-    """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an integer in 1..{T}, got {steps!r}")
-    if sampler != "dpm":
-        stride = T // steps
-        return [k * stride for k in reversed(range(steps))]
-    if steps == 1:
-        return [T - 1]
-    schedule = schedule if schedule is not None and schedule.T == T else Schedule(T)
-    lam = torch.tensor([0.5 * math.log(a / (1.0 - a)) for a in schedule._abar64], dtype=torch.float64)
-    targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
-    ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()  # nearest t per target
-    ts = [min(max(t, steps - 1 - k), T - 1 - k) for k, t in enumerate(ts)]
-    ts[-1] = 0
-    for k in range(steps - 2, -1, -1):  # distinct: where log-SNR moves fast, take neighbours
-        ts[k] = max(ts[k], ts[k + 1] + 1)
-    return ts
-
-
-def n_noise_draws(steps: int) -> int:
-    """Noise draws a sampler may use for ``steps`` steps: the start plus one per step."""
-    return steps + 1
-
-
-def slice_noise(
-    seeds: Sequence[int],
-    n_draws: int,
-    shape: Sequence[int],
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Gaussian noise ``(n_draws, B, *shape)``; slice ``i`` from ``torch.Generator().manual_seed(seeds[i])``.
-
-    Drawn on the CPU (so it is identical on every device) and moved to ``device`` once.
-    """
-    per_slice = []
-    for seed in seeds:
-        gen = torch.Generator().manual_seed(int(seed))
-        per_slice.append(torch.randn((n_draws, *shape), generator=gen, dtype=dtype))
-    noise = torch.stack(per_slice, dim=1)
-    return noise if device is None else noise.to(device)
-
-
-def _timesteps_from(sampler: str, steps: int, schedule: Schedule, t_start: int | None) -> list[int]:
-    T = schedule.T
-    ts = sampler_timesteps(sampler, steps, T, schedule)
-    if t_start is None:
-        return ts
-    if isinstance(t_start, bool) or not isinstance(t_start, int) or not 0 <= t_start < T:
-        raise ValueError(f"t_start must be an integer in 0..{T - 1}, got {t_start!r}")
-    return [t_start] + [t for t in ts if t < t_start]
-
-
-def denoise_steps(
-    model_fn: nn.Module | ModelFn,
-    cond: torch.Tensor | None,
-    schedule: Schedule,
-    *,
-    sampler: str = "ddpm",
-    steps: int = 50,
-    noise: torch.Tensor,
-    t_start: int | None = None,
-    x_start: torch.Tensor | None = None,
-    start: torch.Tensor | None = None,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Run a sampler, yielding ``(step, n_steps, x)`` after every step (``step`` counts from 1).
-
-    ``model_fn(x_t, t, cond) -> eps`` with ``t`` a (B,) long tensor. ``noise`` is
-    ``(n_draws, B, C, H, W)``: draw 0 is the starting noise, draw ``k`` the noise of step ``k``
-    (``ddpm`` only). After the last step ``x`` is the sample in ``[-1, 1]``. Stop iterating to
-    cancel. Partial noising (the unconditioned baseline): pass ``x_start`` (alias ``start``, the
-    image in ``[-1, 1]``) and ``t_start``; ``x_start`` is noised to ``t_start`` with draw 0 and
-    denoised from there through the sampler's timesteps below ``t_start``.
-    """
-    if x_start is None:
-        x_start = start
-    if (x_start is None) != (t_start is None):
-        raise ValueError("partial noising needs both x_start and t_start")
-    ts = _timesteps_from(sampler, steps, schedule, t_start)
-    n_steps = len(ts)
-    needed = n_steps if sampler == "ddpm" else 1
-    if noise.ndim < 2 or noise.shape[0] < needed:
-        raise ValueError(f"noise must be (n_draws >= {needed}, B, C, H, W), got {tuple(noise.shape)}")
-    x = noise[0].float()
-    if x_start is not None:
-        a = schedule.abar(ts[0])
-        x = math.sqrt(a) * x_start.float() + math.sqrt(1.0 - a) * x
-    b, device = x.shape[0], x.device
-    prev_x0: torch.Tensor | None = None
-    prev_h = 0.0
-    for i, t in enumerate(ts):
-        with torch.no_grad():  # not across the yield: grad mode must not leak to the caller
-            s = ts[i + 1] if i + 1 < n_steps else -1
-            a_t, a_s = schedule.abar(t), schedule.abar(s)
-            t_vec = torch.full((b,), t, dtype=torch.long, device=device)
-            eps = model_fn(x, t_vec, cond).float()
-            x0 = ((x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)).clamp(-1.0, 1.0)
-            if s < 0:
-                x = x0  # every sampler's last step lands on the (clipped) x0 prediction
-            elif sampler == "ddpm":
-                beta = 1.0 - a_t / a_s
-                mean = (math.sqrt(a_s) * beta / (1.0 - a_t)) * x0 + (
-                    math.sqrt(1.0 - beta) * (1.0 - a_s) / (1.0 - a_t)
-                ) * x
-                var = max((1.0 - a_s) / (1.0 - a_t) * beta, 1e-20)
-                x = mean + math.sqrt(var) * noise[i + 1].float()
-            elif sampler == "ddim":
-                x = math.sqrt(a_s) * x0 + math.sqrt(1.0 - a_s) * eps
-            else:  # dpm: DPM-Solver++(2M)
-                lam_t = 0.5 * math.log(a_t / (1.0 - a_t))
-                lam_s = 0.5 * math.log(a_s / (1.0 - a_s))
-                h = lam_s - lam_t
-                d = x0
-                if prev_x0 is not None:
-                    r = prev_h / h
-                    d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * prev_x0
-                x = math.sqrt((1.0 - a_s) / (1.0 - a_t)) * x - math.sqrt(a_s) * math.expm1(-h) * d
-                prev_x0, prev_h = x0, h
-        yield i + 1, n_steps, x

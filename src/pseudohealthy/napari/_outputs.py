@@ -3,8 +3,11 @@
 "<name> pseudo-healthy" (grey), "<name> anomaly map" (magma, additive, over the scan) and
 "<name> lesion mask" (Labels) share the source layer's data shape and geometry. Their metadata
 keeps the source's NIfTI metadata (so the writer saves them in the source's geometry) plus a
-``"pseudohealthy"`` record: role, source layer, ensemble, members, sampler, steps, seeds,
-timings, restored slices with their scores and the mask threshold.
+``"pseudohealthy"`` record: the run's :meth:`RunRecord.to_dict() <pseudohealthy.engine.record.
+RunRecord.to_dict>` (ensemble, members, settings, device, restored slices with their scores,
+seeds and timings, volume score) plus only the viewer's own keys (:data:`VIEWER_KEYS`: role,
+source layer, run status, requested slices, the threshold suggested by the ensemble's
+validation and, on the mask, its threshold).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.napari._layers import NIFTI_KEY, geometry_kwargs
 
 if TYPE_CHECKING:
@@ -24,6 +28,8 @@ KEY = "pseudohealthy"
 ROLES = ("pseudo", "anomaly", "mask")
 SUFFIXES = {"pseudo": "pseudo-healthy", "anomaly": "anomaly map", "mask": "lesion mask"}
 DEFAULT_THRESHOLD = 0.25
+VIEWER_KEYS = ("role", "source_layer", "status", "requested_slices", "ensemble_threshold", "threshold")
+"""Keys of a layer record that belong to the viewer, not to the run (:class:`RunRecord`)."""
 _INHERITED = (NIFTI_KEY, "source_path", "source_affine", "nifti_header")
 
 
@@ -51,6 +57,23 @@ def set_record(layer: Layer, **changes: Any) -> None:
     """Update the layer's record; assigning metadata emits ``layer.events.metadata``."""
     meta = dict(layer.metadata or {})
     meta[KEY] = {**record(layer), **changes}
+    layer.metadata = meta
+
+
+def run_record(layer: Layer | None) -> RunRecord | None:
+    """The run recorded on the layer (None when it records none)."""
+    rec = record(layer) if layer is not None else {}
+    return RunRecord.from_dict(rec) if "slice_scores" in rec else None
+
+
+def set_run_record(layer: Layer, run: RunRecord, **viewer: Any) -> None:
+    """Replace the layer's record by ``run.to_dict()`` plus the viewer's keys (kept or ``viewer``)."""
+    unknown = sorted(set(viewer) - set(VIEWER_KEYS))
+    if unknown:
+        raise KeyError(f"not a viewer key of the record: {unknown[0]!r}")
+    kept = {k: v for k, v in record(layer).items() if k in VIEWER_KEYS}
+    meta = dict(layer.metadata or {})
+    meta[KEY] = {**kept, **viewer, **run.to_dict()}
     layer.metadata = meta
 
 
@@ -151,8 +174,3 @@ def suggest_threshold(anomaly_canonical: np.ndarray, slices: list[int], scores: 
     if values.size == 0:
         return None
     return float(np.percentile(values, 99))
-
-
-def volume_score(scores: list[float]) -> float | None:
-    """Volume score: the mean of the restored slices' scores (None when nothing is restored)."""
-    return float(np.mean(scores)) if len(scores) else None

@@ -19,9 +19,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel import orientations as ornts
 
-from pseudohealthy.data.io import load_scan, scan_name
+from pseudohealthy.data.io import is_nifti_name, load_scan, scan_name, to_canonical
 from pseudohealthy.napari._layers import NIFTI_KEY, RAS_LABELS
 
 LABEL_NAME = re.compile(r"(mask|seg|label|lesion|roi|annot)", re.IGNORECASE)
@@ -34,7 +33,7 @@ LayerData = tuple[np.ndarray, dict[str, Any], str]
 def napari_get_reader(path: str | Sequence[str]) -> Callable[[str | Sequence[str]], list[LayerData]] | None:
     """Return :func:`read_nifti` when every path is a NIfTI file name, else None."""
     paths = [path] if isinstance(path, str | Path) else list(path)
-    if not paths or not all(str(p).lower().endswith((".nii", ".nii.gz")) for p in paths):
+    if not paths or not all(is_nifti_name(p) for p in paths):
         return None
     return read_nifti
 
@@ -65,9 +64,7 @@ def read_one(path: str | Path) -> LayerData:
     if labels is not None:
         raw, img = labels
         source_affine = np.array(img.affine, dtype=float)
-        ornt = ornts.io_orientation(source_affine)
-        data = np.ascontiguousarray(ornts.apply_orientation(raw, ornt))
-        affine = source_affine @ ornts.inv_ornt_aff(ornt, raw.shape)
+        data, affine = to_canonical(raw, source_affine)
         header = img.header
         kind = "labels"
     else:

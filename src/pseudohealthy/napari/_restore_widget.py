@@ -1,8 +1,10 @@
 """Dock widget that restores slices of an image layer with an ensemble, in a worker thread.
 
-No model logic lives here: the widget turns its controls into a :class:`RestoreSettings`, runs
-:func:`pseudohealthy.engine.restore.restore_iter` in a ``thread_worker`` generator and writes every
-finished slice into the three output layers on the GUI thread.
+No model logic lives here: the widget keeps the loaded :class:`~pseudohealthy.model.checkpoint.
+Ensemble` (its members cache their networks, so weights are read once per folder and device),
+turns its controls into a :class:`RestoreSettings`, runs :func:`pseudohealthy.engine.restore.
+restore_iter` in a ``thread_worker`` generator and writes every finished slice into the three
+output layers on the GUI thread, growing the run's :class:`~pseudohealthy.engine.record.RunRecord`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from pseudohealthy.data.sample import demo_ensemble_path
+from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.napari._layers import (
     Frame,
@@ -50,7 +53,9 @@ from pseudohealthy.napari._outputs import (
     ensure_outputs,
     find_output,
     record,
+    run_record,
     set_record,
+    set_run_record,
     threshold_mask,
 )
 from pseudohealthy.napari._settings import SAMPLERS, WidgetSettings, load_settings, save_settings
@@ -58,6 +63,9 @@ from pseudohealthy.napari._settings import SAMPLERS, WidgetSettings, load_settin
 if TYPE_CHECKING:
     import napari
     from napari.layers import Image
+
+    from pseudohealthy.engine.restore import RestoreSettings
+    from pseudohealthy.model.checkpoint import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +97,17 @@ def slice_order(
 
 
 def member_text(info: dict[str, Any]) -> str:
-    """One line per ensemble member: name, modality, fold, tasks and validation score."""
+    """One line per ensemble member (a :meth:`Member.describe` dict): name, modality, fold,
+    training tasks and validation AP (else loss)."""
     parts = [str(info.get("name", "?"))]
     if info.get("modality"):
         parts.append(str(info["modality"]))
     if info.get("fold") is not None:
         parts.append(f"fold {info['fold']}")
-    tasks = info.get("tasks") or info.get("train_tasks")
+    tasks = info.get("train_tasks")
     if tasks:
         parts.append("tasks " + ",".join(str(t) for t in tasks))
-    for key, label in (("val_ap", "val AP"), ("val_score", "val score"), ("val_loss", "val loss")):
+    for key, label in (("val_ap", "val AP"), ("val_loss", "val loss")):
         if isinstance(info.get(key), int | float):
             parts.append(f"{label} {float(info[key]):.4g}")
             break
@@ -112,18 +121,29 @@ class Failed:
     error: BaseException
 
 
+@dataclass
+class ActiveRun:
+    """The run in progress: its record, canonical views of the outputs and the viewer's extras."""
+
+    record: RunRecord
+    views: dict[str, np.ndarray]
+    threshold: float
+    suggested: float | None
+    requested: list[int]
+    started: float = field(default_factory=time.perf_counter)
+    new: int = 0  # slices restored by this run (the record may also hold kept ones)
+    error: BaseException | None = None
+
+
 def _restore_job(
-    volume: Any, ensemble_dir: str, members: list[str], settings: Any, slices: list[int], stop: Any
+    volume: Any, ensemble: Ensemble, settings: RestoreSettings, slices: list[int], stop: Any
 ) -> Iterator[Any]:
-    """Generator run in the worker thread: load the ensemble, then restore the slices."""
+    """Generator run in the worker thread: restore the slices with the (already listed) ensemble;
+    its members load their weights on first use and keep them."""
     from pseudohealthy.engine.restore import Progress, restore_iter
-    from pseudohealthy.model.checkpoint import Ensemble
 
     try:
-        yield Progress(0, len(slices), "loading the ensemble")
-        ensemble = Ensemble.from_dir(ensemble_dir)
-        if members and len(members) < len(ensemble.members):
-            ensemble = ensemble.select(members)
+        yield Progress(0, len(slices), "preparing the scan and the ensemble")
         if stop.is_set():
             return
         yield from restore_iter(volume, ensemble, settings, slices=slices, should_stop=stop.is_set)
@@ -145,8 +165,8 @@ class RestoreWidget(QWidget):
         self.worker: Any = None
         self.outputs: OutputLayers | None = None
         self._stop = threading.Event()
-        self._run: dict[str, Any] = {}
-        self._members: list[dict[str, Any]] = []
+        self._run: ActiveRun | None = None
+        self.ensemble: Ensemble | None = None  # the listed ensemble, loaded once per folder
         self._ensemble_path = ""
         self._build()
         self._apply_settings()
@@ -244,9 +264,10 @@ class RestoreWidget(QWidget):
     def current_settings(self) -> WidgetSettings:
         """The controls as a :class:`WidgetSettings` (what is saved between sessions)."""
         checked = self.checked_members()
+        n_members = len(self.ensemble) if self.ensemble is not None else 0
         return WidgetSettings(
             ensemble=self.ensemble_edit.text().strip(),
-            members=None if len(checked) == len(self._members) else checked,
+            members=None if len(checked) == n_members else checked,
             sampler=self.sampler_combo.currentText(),
             steps=self.steps_spin.value(),
             device=self.device_combo.currentText(),
@@ -335,20 +356,21 @@ class RestoreWidget(QWidget):
 
     # ------------------------------------------------------------------ ensemble
     def set_ensemble(self, path: str | Path, members: list[str] | None = None) -> bool:
-        """List the members of the ensemble folder ``path`` (checked: ``members``, default all)."""
-        from pseudohealthy.model.checkpoint import Ensemble
+        """List the members of the ensemble folder ``path`` (checked: ``members``, default all).
 
+        The :class:`Ensemble` is kept (:attr:`ensemble`) and read again only when the folder
+        changes, so its members' networks, loaded on first use, serve every later run.
+        """
         self.ensemble_edit.setText(str(path))
         self._ensemble_path = str(path)
         self.member_list.clear()
-        self._members = []
         try:
-            ensemble = Ensemble.from_dir(path)
-            infos = _describe(ensemble)
+            ensemble = self._load_ensemble(path)
         except (PseudohealthyError, OSError, ValueError) as exc:
+            self._forget_ensemble()
             self._notify_error(f"Cannot use ensemble {path}: {exc}")
             return False
-        self._members = infos
+        infos = ensemble.describe()
         for info in infos:
             item = QListWidgetItem(member_text(info))
             item.setToolTip(member_text(info).replace(" · ", "\n"))
@@ -360,9 +382,41 @@ class RestoreWidget(QWidget):
         self.status.setText(f"{len(infos)} member(s) in {Path(path).name}")
         return True
 
+    def _load_ensemble(self, path: str | Path) -> Ensemble:
+        """The kept ensemble when ``path`` is its folder, else the ensemble read from ``path``."""
+        from pseudohealthy.model.checkpoint import Ensemble
+
+        folder = Path(path).expanduser().resolve()
+        if self.ensemble is not None and self.ensemble.path == folder:
+            return self.ensemble
+        ensemble = Ensemble.from_dir(folder)
+        self._forget_ensemble()
+        self.ensemble = ensemble
+        return ensemble
+
+    def _forget_ensemble(self) -> None:
+        """Drop the kept ensemble and its cached networks (a running job keeps its own)."""
+        if self.ensemble is not None:
+            self.ensemble.release()
+        self.ensemble = None
+
     def checked_members(self) -> list[str]:
         items = [self.member_list.item(i) for i in range(self.member_list.count())]
         return [it.data(Qt.ItemDataRole.UserRole) for it in items if it.checkState() == Qt.CheckState.Checked]
+
+    def selected_ensemble(self) -> Ensemble | None:
+        """The kept ensemble restricted to the checked members (sharing their loaded networks)."""
+        names = self.checked_members()
+        if self.ensemble is None or not names:
+            return None
+        return self.ensemble if names == self.ensemble.names else self.ensemble.select(names)
+
+    def validation_threshold(self, ensemble: Ensemble | None = None) -> float | None:
+        """The mean of the members' validation thresholds (:attr:`Member.threshold`), None when
+        no member records one; ``ensemble`` defaults to the checked members."""
+        ensemble = ensemble if ensemble is not None else self.selected_ensemble()
+        values = [m.threshold for m in ensemble or [] if m.threshold is not None]
+        return float(np.mean(values)) if values else None
 
     # ------------------------------------------------------------------ running
     def is_running(self) -> bool:
@@ -373,15 +427,16 @@ class RestoreWidget(QWidget):
         if self.is_running():
             return None
         layer = self.selected_layer()
-        members = self.checked_members()
+        ensemble = self.selected_ensemble()
         if layer is None:
             self._notify_error("Choose an image layer to restore.")
             return None
-        if not self._members or not members:
+        if ensemble is None:
             self._notify_error("Choose an ensemble folder and at least one member.")
             return None
         try:
             volume = layer_volume(layer)
+            device = _resolved_device(self.device_combo.currentText())
         except PseudohealthyError as exc:
             self._notify_error(f"Cannot restore '{layer.name}': {exc}")
             return None
@@ -398,78 +453,55 @@ class RestoreWidget(QWidget):
         )
         from pseudohealthy.engine.restore import RestoreSettings
 
-        settings = RestoreSettings(sampler=ws.sampler, steps=ws.steps, seed=ws.seed, device=ws.device)
-        self._prepare_outputs(layer, volume, ws, members, slices)
-        return self._launch(volume, ws.ensemble, members, settings, slices)
+        settings = RestoreSettings(sampler=ws.sampler, steps=ws.steps, seed=ws.seed, device=device)
+        self._prepare_outputs(layer, volume, ensemble, settings, slices)
+        return self._launch(volume, ensemble, settings, slices)
 
     def _prepare_outputs(
-        self, layer: Image, volume: Any, ws: WidgetSettings, members: list[str], slices: list[int]
+        self, layer: Image, volume: Any, ensemble: Ensemble, settings: RestoreSettings, slices: list[int]
     ) -> None:
-        """Add or reuse the output layers and start this run's records.
+        """Add or reuse the output layers and start this run's :class:`RunRecord`.
 
         A rerun with the same ensemble, members, sampler, steps and seed keeps the slices restored
-        before; any other change clears the outputs. The mask keeps the threshold it had.
+        before (:meth:`RunRecord.same_run`, :meth:`RunRecord.keep_from`); any other change clears
+        the outputs. The mask keeps the threshold it had.
         """
-        run_key = {
-            "ensemble": str(Path(ws.ensemble).resolve()),
-            "members": members,
-            "sampler": ws.sampler,
-            "steps": ws.steps,
-            "seed": ws.seed,
-        }
-        previous = find_output(self.viewer, layer.name, "anomaly")
-        prev_rec = record(previous) if previous is not None else {}
-        keep = bool(prev_rec) and all(prev_rec.get(key) == value for key, value in run_key.items())
+        run = RunRecord.start(ensemble, settings.to_dict(), settings.device)
+        keep = self._keep_previous(layer, run, skip=set(slices))
         mask_layer = find_output(self.viewer, layer.name, "mask")
         threshold = record(mask_layer).get("threshold") if mask_layer is not None else None
-        suggested = _ensemble_threshold(self._members)
+        suggested = self.validation_threshold(ensemble)
         if threshold is None:
             threshold = DEFAULT_THRESHOLD if suggested is None else suggested
         contrast = tuple(float(c) for c in layer.contrast_limits)
         self.outputs = ensure_outputs(self.viewer, layer, contrast, keep=keep)
-        done: dict[int, dict[str, Any]] = {}
-        if keep:
-            old = zip(
-                prev_rec.get("slices", []),
-                prev_rec.get("scores", []),
-                prev_rec.get("seeds", []),
-                strict=False,
-            )
-            done = {
-                int(k): {"score": sc, "seed": sd, "seconds": None} for k, sc, sd in old if k not in slices
-            }
         roles = ("pseudo", "anomaly", "mask")
-        self._run = {
-            "volume": volume,
-            "views": {
-                r: canonical_view(out.data, volume) for r, out in zip(roles, self.outputs.all(), strict=True)
-            },
-            "threshold": threshold,
-            "done": done,
-            "started": time.perf_counter(),
-            "last": time.perf_counter(),
+        views = {
+            r: canonical_view(out.data, volume) for r, out in zip(roles, self.outputs.all(), strict=True)
         }
-        for out in self.outputs.all():
-            set_record(
-                out,
-                **run_key,
-                device=ws.device,
-                requested_slices=slices,
-                ensemble_threshold=suggested,
-                status="running",
-            )
+        self._run = ActiveRun(run, views, threshold, suggested, list(slices))
         set_record(self.outputs.mask, threshold=threshold)
         self._update_records(status="running")
 
-    def _launch(
-        self, volume: Any, ensemble: str, members: list[str], settings: Any, slices: list[int]
-    ) -> Any:
+    def _keep_previous(self, layer: Image, run: RunRecord, skip: set[int]) -> bool:
+        """Take the slices of the layer's previous run into ``run`` when it is the same run (on a
+        grid of the same shape); returns whether the outputs are kept."""
+        previous_layer = find_output(self.viewer, layer.name, "anomaly")
+        if previous_layer is None or np.shape(previous_layer.data) != np.shape(layer.data):
+            return False
+        previous = run_record(previous_layer)
+        if previous is None or not run.same_run(previous):
+            return False
+        run.keep_from(previous, skip=skip)
+        return True
+
+    def _launch(self, volume: Any, ensemble: Ensemble, settings: RestoreSettings, slices: list[int]) -> Any:
         """Start the worker thread that drives ``restore_iter``."""
         from napari.qt.threading import thread_worker
 
         self._stop.clear()
         job = thread_worker(_restore_job, start_thread=False, ignore_errors=True)
-        worker = job(volume, ensemble, members, settings, slices, self._stop)
+        worker = job(volume, ensemble, settings, slices, self._stop)
         worker.yielded.connect(self._on_yielded)
         worker.errored.connect(self._on_error)  # only for failures outside the job's own handler
         worker.finished.connect(self._on_finished)
@@ -504,60 +536,52 @@ class RestoreWidget(QWidget):
         self._write_slice(item)
 
     def _write_slice(self, result: Any) -> None:
-        """Write one finished SliceResult into the output layers (GUI thread)."""
+        """Write one finished SliceResult into the output layers and the run record (GUI thread)."""
         run, outputs = self._run, self.outputs
-        if not run or outputs is None:
+        if run is None or outputs is None:
             return
         k = int(result.index)
-        views = run["views"]
+        views = run.views
         views["pseudo"][:, :, k] = _pseudo_intensity(result)
         views["anomaly"][:, :, k] = result.anomaly
-        threshold = record(outputs.mask).get("threshold", run["threshold"])
+        threshold = record(outputs.mask).get("threshold", run.threshold)
         threshold_mask(result.anomaly, threshold, out=views["mask"][:, :, k])
-        now = time.perf_counter()
-        run["done"].pop(k, None)
-        run["done"][k] = {
-            "score": float(result.score),
-            "seed": [int(x) for x in getattr(result, "seeds", None) or []],
-            "seconds": round(float(getattr(result, "seconds", 0.0)) or now - run["last"], 3),
-        }
-        run["last"] = now
+        run.record.add(result)
+        run.new += 1
         for out in outputs.all():
             out.refresh()
         self._update_records(status="running")
-        n_new = sum(v["seconds"] is not None for v in run["done"].values())
-        self.status.setText(f"restored axial {k} ({n_new} done, score {result.score:.4f})")
+        self.status.setText(f"restored axial {k} ({run.new} done, score {result.score:.4f})")
 
-    def _update_records(self, **extra: Any) -> None:
+    def _update_records(self, status: str) -> None:
+        """Write the run record (plus the viewer's keys) into the three output layers."""
         run, outputs = self._run, self.outputs
-        if outputs is None or not run:
+        if outputs is None or run is None:
             return
-        done = run["done"]
-        fields = {
-            "slices": list(done),
-            "scores": [v["score"] for v in done.values()],
-            "seeds": [v["seed"] for v in done.values()],
-            "timings": {
-                "total_s": round(time.perf_counter() - run["started"], 3),
-                "per_slice_s": {k: v["seconds"] for k, v in done.items() if v["seconds"] is not None},
-            },
-            **extra,
-        }
+        run.record.timings["total_s"] = round(time.perf_counter() - run.started, 3)
         for out in outputs.all():
-            set_record(out, **fields)
+            set_run_record(
+                out,
+                run.record,
+                status=status,
+                requested_slices=run.requested,
+                ensemble_threshold=run.suggested,
+            )
 
     def _on_error(self, exc: BaseException) -> None:
-        self._run["error"] = exc
+        if self._run is not None:
+            self._run.error = exc
         self._notify_error(f"Restoration failed: {_explain(exc)}")
 
     def _on_finished(self) -> None:
         run = self._run
         stopped = self._stop.is_set()
-        status = "failed" if "error" in run else "cancelled" if stopped else "done"
-        if run:
+        status = "failed" if run is not None and run.error is not None else "cancelled" if stopped else "done"
+        if run is not None:
+            run.record.completed = status == "done"
             self._update_records(status=status)
-        n = sum(v["seconds"] is not None for v in run.get("done", {}).values())
-        seconds = time.perf_counter() - run.get("started", time.perf_counter())
+        n = run.new if run is not None else 0
+        seconds = time.perf_counter() - run.started if run is not None else 0.0
         self.status.setText(f"{status}: {n} slice(s) restored in {seconds:.1f} s")
         self.worker = None
         self.restore_button.setEnabled(self.selected_layer() is not None)
@@ -581,34 +605,11 @@ def _devices() -> list[str]:
     return available_devices()
 
 
-def _lookup(info: dict[str, Any], *keys: str) -> float | None:
-    """The first number among dotted ``keys`` of a member's metadata."""
-    for key in keys:
-        value: Any = info
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    return None
+def _resolved_device(name: str) -> str:
+    """The device a run on ``name`` uses ("auto" resolved once, here, for the run and its record)."""
+    from pseudohealthy.device import resolve_device
 
-
-def _describe(ensemble: Any) -> list[dict[str, Any]]:
-    """Per-member info dicts (name, modality, fold, tasks, validation scores, threshold)."""
-    infos = []
-    for member, desc in zip(ensemble.members, ensemble.describe(), strict=True):
-        desc = dict(desc)
-        desc["val_ap"] = _lookup(member.info, "validation.best_val_ap", "validation.val_ap")
-        desc["threshold"] = _lookup(
-            member.info, "threshold", "validation.threshold", "validation.best_threshold"
-        )
-        infos.append(desc)
-    return infos
-
-
-def _ensemble_threshold(members: list[dict[str, Any]]) -> float | None:
-    """A threshold from the members' validation metadata (their mean), None when absent."""
-    values = [m["threshold"] for m in members if isinstance(m.get("threshold"), float)]
-    return float(np.mean(values)) if values else None
+    return str(resolve_device(name))
 
 
 def _pseudo_intensity(result: Any) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Widget settings persisted between sessions as JSON in the user's config folder."""
+"""Widget settings persisted between sessions as JSON in the user's config folder.
+
+The sampler names and defaults are the engine's (:mod:`pseudohealthy.engine.sampler`); a saved
+file with other values still loads (unknown samplers fall back to the default).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pseudohealthy.data.files import write_json
+from pseudohealthy.engine.sampler import DEFAULT_SAMPLER, SAMPLERS, default_steps
+
+__all__ = ["SAMPLERS", "SLICE_MODES", "WidgetSettings", "config_dir", "load_settings", "save_settings"]
+
 ENV_DIR = "PSEUDOHEALTHY_CONFIG_DIR"  # overrides the folder (tests, portable installs)
 FILE_NAME = "napari-widget.json"
-SAMPLERS = ("ddpm", "ddim", "dpm")
 SLICE_MODES = ("current", "around", "range", "all")
 
 
@@ -20,8 +28,8 @@ class WidgetSettings:
 
     ensemble: str = ""
     members: list[str] | None = None  # checked member names; None = all
-    sampler: str = "ddim"
-    steps: int = 20
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = default_steps(DEFAULT_SAMPLER)
     device: str = "auto"
     slice_mode: str = "current"
     around: int = 2
@@ -56,7 +64,7 @@ def load_settings(path: Path | None = None) -> WidgetSettings:
         raw: dict[str, Any] = json.loads(path.read_text())
         known = {f.name for f in fields(WidgetSettings)}
         return WidgetSettings(**{k: v for k, v in raw.items() if k in known}).clean()
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return WidgetSettings()
 
 
@@ -64,10 +72,6 @@ def save_settings(settings: WidgetSettings, path: Path | None = None) -> Path | 
     """Write the settings atomically; returns the path, or None when the folder is not writable."""
     path = path or config_dir() / FILE_NAME
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(settings), indent=2))
-        os.replace(tmp, path)
+        return write_json(path, asdict(settings))
     except OSError:
         return None
-    return path

@@ -30,10 +30,10 @@ from pseudohealthy.napari._outputs import (
     DEFAULT_THRESHOLD,
     find_output,
     record,
+    run_record,
     set_record,
     suggest_threshold,
     threshold_mask,
-    volume_score,
 )
 
 if TYPE_CHECKING:
@@ -168,10 +168,13 @@ class ThresholdWidget(QWidget):
 
     # ------------------------------------------------------------------ scores and plot
     def refresh(self, event: Any = None) -> None:
-        """Update the suggestion, the volume score and the plot from the anomaly layer's record."""
+        """Update the suggestion, the volume score and the plot from the anomaly layer's record
+        (its :class:`~pseudohealthy.engine.record.RunRecord`)."""
         layer = self._layer
         rec = record(layer) if layer is not None else {}
-        slices, scores = list(rec.get("slices", [])), list(rec.get("scores", []))
+        run = run_record(layer)
+        slices = run.restored if run is not None else []
+        scores = [run.slice_scores[k] for k in slices] if run is not None else []
         frame = self._frame()
         self.suggested, source = rec.get("ensemble_threshold"), "ensemble validation"
         if self.suggested is None and layer is not None and frame is not None and slices:
@@ -187,7 +190,7 @@ class ThresholdWidget(QWidget):
             self.slider.blockSignals(True)
             self.slider.setValue(float(saved))
             self.slider.blockSignals(False)
-        score = volume_score(scores)
+        score = run.volume_score if run is not None else None
         if score is None:
             self.score_label.setText("volume score: –")
         else:

@@ -13,9 +13,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel import orientations as ornts
 
-from pseudohealthy.data.io import Volume, load_scan, save_like
+from pseudohealthy.data.io import Volume, is_nifti_name, load_scan, save_like, to_canonical
 from pseudohealthy.errors import ScanError
 from pseudohealthy.napari._layers import NIFTI_KEY, as_3d, ras_from_world
 
@@ -51,7 +50,7 @@ def state_affine(meta: dict[str, Any], ndim: int) -> np.ndarray:
 def write_nifti(path: str | Path, data: Any, meta: dict[str, Any], *, labels: bool) -> list[str]:
     """Write one layer's data to ``path`` (.nii or .nii.gz); returns the written paths."""
     path = Path(path)
-    if not path.name.lower().endswith((".nii", ".nii.gz")):
+    if not is_nifti_name(path):
         return []
     arr = np.asarray(data)
     if arr.ndim not in (2, 3):
@@ -60,11 +59,8 @@ def write_nifti(path: str | Path, data: Any, meta: dict[str, Any], *, labels: bo
     affine = ras_from_world(state_affine(meta, arr.ndim), nifti=NIFTI_KEY in metadata)
     arr3 = as_3d(arr)
     dtype = _label_dtype(arr3) if labels else np.dtype(np.float32)
-    ornt = ornts.io_orientation(affine)
-    canonical = ornts.apply_orientation(arr3, ornt)
-    like = _source_like(
-        metadata.get("source_path"), canonical.shape, affine @ ornts.inv_ornt_aff(ornt, arr3.shape)
-    )
+    canonical, canonical_affine = to_canonical(arr3, affine)
+    like = _source_like(metadata.get("source_path"), canonical.shape, canonical_affine)
     if like is not None:
         save_like(canonical, like, path, dtype=dtype, overwrite=True)
         return [str(path)]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pseudohealthy.data.files import is_temporary_name
+from pseudohealthy.data.io import is_nifti_name, to_canonical
 from pseudohealthy.errors import ScanError
 
 __all__ = ["DEFAULT_PHOTOS", "load_inter_sources", "to_grey_square"]
@@ -32,7 +34,6 @@ DEFAULT_PHOTOS = (
     "clock",
 )
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def to_grey_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -58,20 +59,28 @@ def to_grey_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _nifti_slice(path: Path) -> np.ndarray:
+    """The middle axial slice of a NIfTI file (first volume of a 4D one), canonical orientation."""
     import nibabel as nib
 
-    img = nib.as_closest_canonical(nib.load(path))
+    img = nib.load(path)
     data = np.asarray(img.dataobj, dtype=np.float32)
     while data.ndim > 3:
         data = data[..., 0]
-    if data.ndim == 3:
-        data = data[:, :, data.shape[2] // 2]
-    return np.nan_to_num(data)
+    if data.ndim == 2:
+        data = data[:, :, None]
+    data, _ = to_canonical(data, img.affine)
+    return np.nan_to_num(data[:, :, data.shape[2] // 2])
+
+
+def _is_source_name(path: Path) -> bool:
+    """An image or NIfTI file name, not a temporary name of an unfinished write."""
+    if is_nifti_name(path):
+        return True
+    return path.name.lower().endswith(_IMAGE_SUFFIXES) and not is_temporary_name(path)
 
 
 def _read(path: Path) -> np.ndarray:
-    name = path.name.lower()
-    if name.endswith(_NIFTI_SUFFIXES):
+    if is_nifti_name(path):
         return _nifti_slice(path)
     from skimage.io import imread
 
@@ -87,11 +96,7 @@ def _load(folder: str | None, size: int) -> tuple[np.ndarray, ...]:
     root = Path(folder)
     if not root.is_dir():
         raise ScanError(root, "not a folder of source images")
-    files = sorted(
-        p
-        for p in root.iterdir()
-        if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES + _NIFTI_SUFFIXES)
-    )
+    files = sorted(p for p in root.iterdir() if p.is_file() and _is_source_name(p))
     if not files:
         raise ScanError(root, "contains no images (PNG, JPEG, TIFF, BMP, GIF or NIfTI)")
     out = []

@@ -1,4 +1,10 @@
-"""Benchmark evaluation: anomaly maps vs lesion masks in the benchmark's frame, pooled over a test set.
+"""Pooled benchmark metrics of anomaly maps vs lesion masks, in the benchmark's frame.
+
+Owns the frame, the pooling and the report: :class:`EvalEntry` (one volume's map, lesion,
+brain and image), :func:`evaluate_maps` (every entry into the frame, the method and the
+intensity baseline arm pooled over all of them), and :func:`to_json`, :func:`format_table` and
+:func:`save_plots` for the result. Finding test cases on disk is :mod:`.testsets`; turning a
+case into an entry (reusing or restoring its map) is :mod:`.cases`.
 
 The frame is the model frame of :mod:`pseudohealthy.data.preprocess`: every axial slice with
 foreground, squared and resized to ``size x size`` (128 by default). Lesion masks are resized
@@ -9,7 +15,9 @@ pooled before any metric is computed (:mod:`pseudohealthy.evaluation.metrics`).
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pseudohealthy.data.preprocess import SliceGeometry
-from pseudohealthy.engine.maps import slice_scores, volume_score
+from pseudohealthy.engine.maps import foreground_mean, slice_scores
 from pseudohealthy.evaluation.metrics import (
     MAX_FPR,
     MetricsError,
@@ -26,23 +34,17 @@ from pseudohealthy.evaluation.metrics import (
     metrics_from_pool,
     roc_curve,
 )
-from pseudohealthy.figures.plots import thin_curve
+from pseudohealthy.figures.plots import save_pr_curves, save_roc_curves, thin_curve
 
 __all__ = [
     "BASELINE_KEY",
+    "CURVE_POINTS",
     "MASK_THRESHOLD",
     "METRIC_KEYS",
-    "Case",
     "EvalEntry",
-    "case_entries",
-    "cases_from_csv",
-    "cases_from_dir",
-    "cases_from_lists",
     "evaluate_maps",
-    "find_restoration",
     "foreground_slices",
     "format_table",
-    "load_map",
     "save_plots",
     "to_frame",
     "to_json",
@@ -175,7 +177,7 @@ def evaluate_maps(
             "n_lesion_slices": int(slice_lab.sum()),
             "n_lesion_pixels": int(lesion.sum()),
             "score": float(scores.mean()),
-            "map_mean_in_brain": volume_score(entry.anomaly[:, :, idx], entry.foreground[:, :, idx]),
+            "map_mean_in_brain": foreground_mean(entry.anomaly[:, :, idx], entry.foreground[:, :, idx]),
         }
         if entry.image is not None and with_baseline:
             base = intensity_baseline_scores(entry.image, entry.foreground, invert=invert_baseline)
@@ -209,9 +211,6 @@ def evaluate_maps(
 
 def to_json(result: dict) -> str:
     """``result`` as indented JSON with lists of numbers kept on one line."""
-    import json
-    import re
-
     text = json.dumps(result, indent=1)
     return (
         re.sub(r"\[\s+([-+.\deE,\s]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
@@ -248,8 +247,6 @@ def format_table(result: dict, method_name: str = "method") -> str:
 
 def save_plots(result: dict, out_dir: str | Path, method_name: str = "method") -> tuple[Path, Path]:
     """Write ``pr_curve.png`` (pixel level) and ``roc_curve.png`` (slice level) into ``out_dir``."""
-    from pseudohealthy.figures.plots import save_pr_curves, save_roc_curves
-
     out_dir = Path(out_dir)
     pr, roc = {}, {}
     for key, label, metrics in _labelled(result, method_name):
@@ -273,211 +270,3 @@ def _labelled(result: dict, method_name: str) -> Iterator[tuple[str, str, dict]]
     yield "method", method_name, result
     if BASELINE_KEY in result:
         yield BASELINE_KEY, "intensity baseline", result[BASELINE_KEY]
-
-
-# --- test sets on disk ---------------------------------------------------------------------------
-
-ANOMALY_SUFFIX = "_anomaly.nii.gz"
-
-
-@dataclass
-class Case:
-    """One test scan with its lesion mask (and optional brain mask); ``name`` is unique in a set."""
-
-    scan: Path
-    mask: Path
-    brain_mask: Path | None = None
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        from pseudohealthy.data.io import scan_name
-
-        self.scan, self.mask = Path(self.scan), Path(self.mask)
-        self.brain_mask = Path(self.brain_mask) if self.brain_mask else None
-        self.name = self.name or scan_name(self.scan)
-
-
-def unique_names(cases: list[Case]) -> list[Case]:
-    """Prefix the parent folder's name where scan names repeat (``patient07_FLAIR``)."""
-    from collections import Counter
-
-    counts = Counter(c.name for c in cases)
-    for c in cases:
-        if counts[c.name] > 1:
-            c.name = f"{c.scan.parent.name}_{c.name}"
-    dupes = [n for n, k in Counter(c.name for c in cases).items() if k > 1]
-    if dupes:
-        from pseudohealthy.errors import PseudohealthyError
-
-        raise PseudohealthyError(f"scans listed twice or ambiguous names: {', '.join(dupes)}")
-    return cases
-
-
-def cases_from_lists(
-    scans: list[Path], masks: list[Path], brain_masks: list[Path] | None = None
-) -> list[Case]:
-    """Pair scans with masks (and brain masks) by position."""
-    from pseudohealthy.errors import PseudohealthyError
-
-    if len(scans) != len(masks):
-        raise PseudohealthyError(f"{len(scans)} scans but {len(masks)} masks: give one mask per scan")
-    if brain_masks and len(brain_masks) != len(scans):
-        raise PseudohealthyError(f"{len(scans)} scans but {len(brain_masks)} brain masks")
-    brains = brain_masks or [None] * len(scans)
-    return unique_names([Case(s, m, b) for s, m, b in zip(scans, masks, brains, strict=True)])
-
-
-def cases_from_csv(path: str | Path) -> list[Case]:
-    """Rows ``scan,mask[,brain_mask]`` (an optional header row starting with ``scan``); relative
-    paths are taken from the CSV's folder."""
-    import csv
-
-    from pseudohealthy.errors import PseudohealthyError
-
-    path = Path(path)
-    if not path.is_file():
-        raise PseudohealthyError(f"{path}: pairs file not found")
-    cases = []
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.reader(fh), start=1):
-            cells = [c.strip() for c in row]
-            if not any(cells) or cells[0].startswith("#") or (i == 1 and cells[0].lower() == "scan"):
-                continue
-            if len(cells) < 2 or not cells[0] or not cells[1]:
-                raise PseudohealthyError(f"{path}, line {i}: expected 'scan,mask[,brain_mask]', got {row}")
-            paths = [path.parent / c if c else None for c in cells[:3]]
-            cases.append(Case(*paths))
-    if not cases:
-        raise PseudohealthyError(f"{path}: no scan,mask rows")
-    return unique_names(cases)
-
-
-def cases_from_dir(
-    folder: str | Path, scan_glob: str, mask_name: str, brain_mask_name: str | None = None
-) -> list[Case]:
-    """Scans matching ``scan_glob`` under ``folder``; the mask is ``mask_name`` beside each scan."""
-    from pseudohealthy.errors import PseudohealthyError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PseudohealthyError(f"{folder}: dataset folder not found")
-    scans = sorted(p for p in folder.glob(scan_glob) if p.is_file())
-    if not scans:
-        raise PseudohealthyError(f"{folder}: no file matches {scan_glob!r}")
-    cases = []
-    for scan in scans:
-        brain = scan.parent / brain_mask_name if brain_mask_name else None
-        cases.append(Case(scan, scan.parent / mask_name, brain))
-    return unique_names(cases)
-
-
-def find_restoration(case: Case, folder: str | Path | None) -> Path | None:
-    """``<name>_anomaly.nii.gz`` (or ``.nii``) for ``case`` in ``folder``; also tried:
-    ``<parent folder>/<scan name>_anomaly...`` and, when the case was not renamed for
-    uniqueness, ``<scan name>_anomaly...``."""
-    if folder is None:
-        return None
-    from pseudohealthy.data.io import scan_name
-
-    folder = Path(folder)
-    base = scan_name(case.scan)
-    candidates = [
-        folder / f"{case.name}{ANOMALY_SUFFIX}",
-        folder / case.scan.parent.name / f"{base}{ANOMALY_SUFFIX}",
-    ]
-    if case.name == base:
-        candidates.append(folder / f"{base}{ANOMALY_SUFFIX}")
-    candidates += [c.with_name(c.name[: -len(".gz")]) for c in candidates]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def load_map(path: str | Path, like) -> np.ndarray:
-    """A float map (e.g. ``*_anomaly.nii.gz``) in canonical orientation, checked against ``like``."""
-    import nibabel as nib
-
-    from pseudohealthy.errors import ScanError
-
-    path = Path(path)
-    try:
-        img = nib.as_closest_canonical(nib.load(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as exc:
-        raise ScanError(path, f"cannot read anomaly map ({type(exc).__name__}: {exc})") from exc
-    data = data.reshape(data.shape[:3]) if data.ndim > 3 and all(s == 1 for s in data.shape[3:]) else data
-    if data.shape != like.data.shape:
-        raise ScanError(path, f"anomaly map shape {data.shape} does not match the scan's {like.data.shape}")
-    if not np.all(np.isfinite(data)):
-        raise ScanError(path, "anomaly map contains NaN or Inf")
-    return data
-
-
-def pick_slices(indices: np.ndarray, n: int | None) -> np.ndarray:
-    """``n`` evenly spaced entries of ``indices`` (all when ``n`` is None or large enough)."""
-    indices = np.asarray(indices)
-    if n is None or n >= indices.size:
-        return indices
-    return indices[np.unique(np.round(np.linspace(0, indices.size - 1, n)).astype(int))]
-
-
-def restore_anomaly(
-    volume, ensemble, settings, slices: np.ndarray, brain_mask: np.ndarray | None
-) -> np.ndarray:
-    """The engine's canonical anomaly map for ``slices`` (a hook the tests replace)."""
-    from pseudohealthy.engine.restore import restore_volume
-
-    return np.asarray(
-        restore_volume(
-            volume, ensemble, settings, slices=[int(k) for k in slices], brain_mask=brain_mask
-        ).anomaly
-    )
-
-
-def case_entries(
-    cases: Iterable[Case],
-    *,
-    restorations: str | Path | None = None,
-    ensemble: Callable[[], object] | None = None,
-    settings: object | None = None,
-    slices_per_volume: int | None = None,
-    save_dir: str | Path | None = None,
-) -> Iterator[EvalEntry]:
-    """Load each case and its anomaly map, one at a time, as :class:`EvalEntry`.
-
-    Maps found in ``restorations`` (:func:`find_restoration`) are reused and nothing is
-    restored; otherwise ``ensemble()`` (called once, lazily) restores the selected slices with
-    ``settings``. Restored full volumes are written to ``save_dir`` as ``<name>_anomaly.nii.gz``
-    (not when slices were subsampled, so a reused map is always complete).
-    """
-    from pseudohealthy.data.io import load_mask, load_scan, save_like
-    from pseudohealthy.data.preprocess import foreground_mask
-    from pseudohealthy.errors import PseudohealthyError
-
-    loaded = None
-    for case in cases:
-        volume = load_scan(case.scan)
-        lesion = load_mask(case.mask, volume)
-        brain = load_mask(case.brain_mask, volume) if case.brain_mask else None
-        foreground = foreground_mask(volume.data, brain)
-        every = foreground_slices(foreground)
-        idx = pick_slices(every, slices_per_volume)
-        found = find_restoration(case, restorations)
-        info: dict = {"scan": str(case.scan), "mask": str(case.mask)}
-        if found is not None:
-            anomaly = load_map(found, volume)
-            info["anomaly_source"] = str(found)
-        elif ensemble is not None:
-            if loaded is None:
-                loaded = ensemble()
-            anomaly = restore_anomaly(volume, loaded, settings, idx, brain)
-            info["anomaly_source"] = "restored"
-            if save_dir is not None and idx.size == every.size:
-                out = save_like(
-                    anomaly, volume, Path(save_dir) / f"{case.name}{ANOMALY_SUFFIX}", overwrite=True
-                )
-                info["anomaly_saved"] = str(out)
-        else:
-            where = f" in {restorations}" if restorations else ""
-            raise PseudohealthyError(
-                f"{case.name}: no {case.name}{ANOMALY_SUFFIX}{where} and no ensemble to restore with"
-            )
-        yield EvalEntry(case.name, anomaly, lesion, foreground, volume.data, idx, info)

@@ -1,0 +1,178 @@
+"""Training settings: :class:`TrainConfig` (every setting of one member's training, JSON-ready),
+the training lengths and cadences per preset family (:data:`PRESET_TRAINING`, chosen by
+:func:`preset_family`), the settings a resumed run must share with the run it continues
+(:data:`MUST_MATCH`), the columns of ``log.csv`` (:data:`LOG_FIELDS`), :class:`TrainError`, and
+where each fold's member lives and which seed it uses (:func:`member_dir`, :func:`member_seed`,
+:func:`read_saved_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pseudohealthy.errors import PseudohealthyError
+from pseudohealthy.model.network import PRESETS, ConfigError, ModelConfig, get_preset
+
+__all__ = [
+    "LOG_FIELDS",
+    "MUST_MATCH",
+    "PRESET_TRAINING",
+    "TrainConfig",
+    "TrainError",
+    "member_dir",
+    "member_seed",
+    "preset_family",
+    "read_saved_config",
+]
+
+LOG_FIELDS = ("step", "loss", "val_loss", "val_ap", "lr", "time")
+"""The columns of a member's ``log.csv``."""
+
+# training lengths and cadences per preset family (the reference's for "paper")
+PRESET_TRAINING: dict[str, dict[str, int]] = {
+    "paper": {"steps": 500_000, "val_every": 500, "ckpt_every": 2_000, "early_stop_patience": 50_000},
+    "cpu": {"steps": 20_000, "val_every": 500, "ckpt_every": 500, "early_stop_patience": 5_000},
+    "tiny": {"steps": 200, "val_every": 50, "ckpt_every": 50, "early_stop_patience": 0},
+}
+
+# settings a resumed run must share with the run it continues
+MUST_MATCH = (
+    "preset",
+    "model_overrides",
+    "size",
+    "fold",
+    "batch_size",
+    "seed",
+    "lr",
+    "betas",
+    "weight_decay",
+    "grad_clip",
+    "ema_max_decay",
+    "noise_offset",
+    "min_snr_gamma",
+    "p_none",
+    "norm",
+    "square",
+    "val_fraction",
+    "val_max_slices",
+)
+
+
+class TrainError(PseudohealthyError):
+    """Training cannot start or continue (bad settings, existing run, mismatched resume)."""
+
+
+def preset_family(preset: str) -> str:
+    """The :data:`PRESET_TRAINING` family of ``preset``: its name or prefix (``tiny-x``), else "cpu"."""
+    for name in PRESET_TRAINING:
+        if preset == name or preset.startswith(f"{name}-"):
+            return name
+    return "cpu"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one member's training (JSON-ready via :meth:`to_dict`)."""
+
+    preset: str = "cpu"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    size: int | None = None  # model image size; default: the preset's
+    fold: int = 0
+    steps: int = 20_000
+    batch_size: int = 16
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema_max_decay: float = 0.9999
+    noise_offset: float = 0.1
+    min_snr_gamma: float = 1.0
+    p_none: float = 0.2
+    val_every: int = 500
+    val_fraction: float = 0.05
+    val_max_slices: int | None = 1000
+    val_ap_steps: int = 10
+    val_ap_samples: int = 16
+    ckpt_every: int = 500
+    early_stop_patience: int = 5_000
+    log_every: int = 50
+    num_workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    norm: str = "max"
+    square: str = "pad"
+    inter_dir: str | None = None
+    modality: str = "unknown"
+    quiet: bool = False
+    step_delay: float = 0.0  # seconds to sleep after each step (testing aid)
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides: Any) -> TrainConfig:
+        """Defaults for ``preset`` (lengths and cadences from :data:`PRESET_TRAINING`)."""
+        values: dict[str, Any] = {"preset": preset, **PRESET_TRAINING[preset_family(preset)]}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def model_config(self) -> ModelConfig:
+        """The network settings: the preset, its overrides and ``size``."""
+        overrides = dict(self.model_overrides)
+        if self.size is not None:
+            overrides["image_size"] = int(self.size)
+        return get_preset(self.preset, **overrides)
+
+    @property
+    def image_size(self) -> int:
+        return self.model_config().image_size
+
+    def validate(self) -> None:
+        """Raise :class:`TrainError` (or ConfigError) for a setting that cannot work."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if isinstance(self.fold, bool) or not isinstance(self.fold, int) or not 0 <= self.fold <= 9:
+            raise TrainError(f"fold must be 0-9, got {self.fold!r}")
+        positive = ("steps", "batch_size")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_every", "ckpt_every", "early_stop_patience", "num_workers", "val_ap_samples"):
+            if int(getattr(self, name)) < 0:
+                raise TrainError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1 or self.val_ap_steps < 1:
+            raise TrainError("log_every and val_ap_steps must be at least 1")
+        if not self.lr > 0:
+            raise TrainError(f"the learning rate must be positive, got {self.lr}")
+        if self.norm not in ("max", "percentile"):
+            raise TrainError(f"unknown normalisation {self.norm!r} (use 'max' or 'percentile')")
+        self.model_config()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
+def member_seed(seed: int, fold: int) -> int:
+    """The seed of fold ``fold``'s member (distinct init, batch order and corruptions per fold)."""
+    return int(np.random.SeedSequence([int(seed), int(fold)]).generate_state(1)[0])
+
+
+def member_dir(run_dir: str | Path, fold: int) -> Path:
+    """``RUN_DIR/fold_K``: the member folder (what ``restore`` loads) and its training state."""
+    return Path(run_dir) / f"fold_{int(fold)}"
+
+
+def read_saved_config(out_dir: str | Path) -> dict[str, Any] | None:
+    """The training settings stored in a member folder's latest resumable state, if any."""
+    # imported here: the state module imports this one
+    from pseudohealthy.training.state import LATEST, STATE_DIR, read_state_info
+
+    state_dir = Path(out_dir) / STATE_DIR
+    if not (state_dir / LATEST).is_file():
+        return None
+    return dict(read_state_info(state_dir).get("config", {}))

@@ -1,0 +1,108 @@
+"""What training records as it goes: early stopping on the moving average of the validation
+loss with the best validation's scores (:class:`EarlyStop`, part of the resumable state), the
+member's ``log.csv`` (:class:`CsvLog`, trimmed to the resumed step), and the optional
+tensorboard writer (:func:`open_tensorboard`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pseudohealthy.training.config import LOG_FIELDS
+
+__all__ = ["CsvLog", "EarlyStop", "finite_or_none", "open_tensorboard"]
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """``x`` as a float, or None for None, NaN and infinities (JSON-safe)."""
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+@dataclass
+class EarlyStop:
+    """Moving average of the validation loss (``0.9 ma + 0.1 loss``), best value and its step.
+
+    ``best_val_threshold``: the best-Dice threshold of the anomaly maps at the best validation
+    (None when validation gives none).
+    """
+
+    patience: int = 0
+    ma: float | None = None
+    best_ma: float | None = None
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    best_val_ap: float | None = None
+    best_val_threshold: float | None = None
+    last_val_loss: float | None = None
+    last_val_ap: float | None = None
+    stopped: bool = False
+
+    def update(
+        self, step: int, val_loss: float, val_ap: float | None, val_threshold: float | None = None
+    ) -> bool:
+        """Record a validation; True when it is the new best."""
+        self.ma = val_loss if self.ma is None else 0.9 * self.ma + 0.1 * val_loss
+        self.last_val_loss, self.last_val_ap = val_loss, val_ap
+        if self.best_ma is None or self.ma < self.best_ma:
+            self.best_ma, self.best_step = self.ma, step
+            self.best_val_loss, self.best_val_ap = val_loss, val_ap
+            self.best_val_threshold = val_threshold
+            return True
+        return False
+
+    def should_stop(self, step: int) -> bool:
+        return bool(self.patience and self.best_step is not None and step - self.best_step >= self.patience)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: finite_or_none(v) if isinstance(v, float) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], patience: int) -> EarlyStop:
+        """From :meth:`to_dict`'s output; a field it lacks (an older state) is None."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"patience"}
+        return cls(patience=patience, **{k: data.get(k) for k in names})
+
+
+class CsvLog:
+    """``log.csv`` (step, loss, val_loss, val_ap, lr, time); a resumed run drops rows past its step."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows: list[dict[str, str]] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [
+                    r
+                    for r in csv.DictReader(fh)
+                    if r.get("step", "").isdigit() and int(r["step"]) <= resume_step
+                ]
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
+
+    def write(self, **row: Any) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as fh:
+            clean = {k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS}
+            for k in ("loss", "val_loss", "val_ap"):
+                if isinstance(clean[k], float):
+                    clean[k] = f"{clean[k]:.6g}" if math.isfinite(clean[k]) else ""
+            if isinstance(clean["time"], float):
+                clean["time"] = f"{clean['time']:.2f}"
+            csv.DictWriter(fh, LOG_FIELDS).writerow(clean)
+
+
+def open_tensorboard(path: Path) -> Any:
+    """A tensorboard ``SummaryWriter`` on ``path``, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed
+        return None
+    return SummaryWriter(str(path))
