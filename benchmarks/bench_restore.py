@@ -16,10 +16,11 @@ memory (peak RSS of each phase) and, on CUDA, peak GPU
 memory and the achieved TFLOP/s against the device's dense bf16 peak (UNet FLOPs counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass).
 Defaults: presets ``paper,cpu`` (``paper:10,cpu:3`` sets members per preset; else ``--members``,
-10), the library's default sampler and steps, 8 slices on the CPU and 64 on CUDA, where the naive loop does only 4 (its
-cost is linear in the slices). ``--quick``: CPU-friendly (tiny and cpu presets, 2 members, 4
-slices, ddim 4 steps). The paper preset on a CPU: e.g. ``--presets paper --members 1 --slices 1
---steps 2``. ``--repeats N`` times engine and naive loop N times, interleaved, and reports
+10), the library's default sampler and steps, 8 slices on the CPU and 64 on CUDA, where the
+naive loop does only 4 (its cost is linear in the slices). ``--quick``: CPU-friendly (tiny and
+cpu presets, 2 members, 4 slices, ddim 4 steps). The paper preset on a CPU: e.g. ``--presets
+paper --members 1 --slices 1 --steps 2``. ``--repeats N`` times engine and naive loop N times,
+interleaved, and reports
 medians (a shared machine's load then hits both alike). ``--compile MODE`` adds a third
 contestant, the engine with ``torch.compile``'d members (compiled before timing; the time is
 reported), timed interleaved with the eager engine.
@@ -44,8 +45,10 @@ import torch
 
 from pseudohealthy.engine.defaults import COMPILE_MODES, DEFAULT_SAMPLER, SAMPLERS, default_steps
 
-# dense bf16 tensor-core peak, TFLOP/s, by a fragment of torch.cuda.get_device_name() (first match)
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu import PEAK_TFLOPS, device_peak_tflops, unet_flops  # PEAK_TFLOPS: re-exported
+
+__all__ = ["PEAK_TFLOPS", "bench_preset", "build_ensemble", "device_peak_tflops", "main", "unet_flops"]
 
 
 def build_ensemble(folder: Path, preset: str, n_members: int):
@@ -54,38 +57,6 @@ def build_ensemble(folder: Path, preset: str, n_members: int):
     from pseudohealthy.model.checkpoint import Ensemble
 
     return Ensemble.from_dir(random_ensemble(folder, preset, n_members))
-
-
-def device_peak_tflops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak from :data:`PEAK_TFLOPS`; None when unknown (or a CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
-
-
-def unet_flops(preset: str) -> int:
-    """FLOPs of one forward pass of ``preset`` for one slice (a multiply-add counts 2).
-
-    Counted on the meta device (no computation), so the figure is the same on every device.
-    """
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    from pseudohealthy.model import network as model
-
-    def sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(q, k, v)
-
-    # the CPU's fused attention kernel has no formula of its own: count it as the CUDA ones
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    custom = {cpu_sdpa: sdpa} if cpu_sdpa is not None else {}
-    cfg = model.get_preset(preset)
-    net, size, device = model.build_model(cfg).eval().to("meta"), cfg.image_size, torch.device("meta")
-    x = torch.zeros(1, 1, size, size, device=device)
-    t = torch.full((1,), 500, dtype=torch.long, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        net(x, t, x if cfg.conditioned else None)
-    return int(counter.get_total_flops())
 
 
 def _reset_peak_rss() -> bool:

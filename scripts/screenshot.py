@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from pseudohealthy.engine.sampler import DEFAULT_SAMPLER, SAMPLERS
+    from pseudohealthy.engine.defaults import DEFAULT_SAMPLER, SAMPLERS
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pseudohealthy.cli.view import open_viewer
     from pseudohealthy.data.sample import demo_ensemble_path
-    from pseudohealthy.engine.sampler import default_steps
-    from pseudohealthy.napari._layers import go_to_axial, layer_frame
+    from pseudohealthy.engine.defaults import default_steps
+    from pseudohealthy.napari import go_to_axial, layer_frame
 
     ensemble = args.ensemble or demo_ensemble_path()
     if ensemble is None:

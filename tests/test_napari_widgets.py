@@ -84,7 +84,7 @@ def test_slice_order_puts_the_current_slice_first() -> None:
 
 
 def test_settings_persist(tmp_path: Path) -> None:
-    from pseudohealthy.engine.sampler import DEFAULT_SAMPLER, SAMPLERS, default_steps
+    from pseudohealthy.engine.defaults import DEFAULT_SAMPLER, SAMPLERS, default_steps
     from pseudohealthy.napari import _settings
 
     # the engine's sampler names and defaults, not the widget's own

@@ -260,3 +260,31 @@ def test_torchrun_two_processes_on_cpu(ixi_dir, tmp_path):
     state = json.loads((member / STATE_DIR / pointer["state"]).read_text())
     gens = state["rng"]["generators"]
     assert len(gens) == 2 and gens[0] != gens[1]  # each rank draws its own noise
+
+
+def test_cuda_out_of_memory_stops_with_the_batch_size_to_try(slices, tmp_path, monkeypatch):
+    import pseudohealthy.training.loop as loop
+
+    real, calls = loop.training_loss, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # step 5: after the checkpoint of step 4
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    config = tiny_config(steps=6, ckpt_every=2, fold=2)
+    member = tmp_path / "fold_2"
+    monkeypatch.setattr(loop, "training_loss", flaky)
+    with pytest.raises(TrainError) as caught:
+        train_member(slices, member, config)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("out of GPU memory at batch size 4 (step 5 on cpu)")
+    assert "try --batch-size 2" in message and "the state of step 4 stays resumable" in message
+    assert not (member / "pseudohealthy.json").exists()
+    assert json.loads((member / STATE_DIR / LATEST).read_text())["step"] == 4  # untouched by the failure
+    monkeypatch.setattr(loop, "training_loss", real)
+    assert train_member(slices, member, config, resume=True) == member
+    _, info = load_checkpoint(member)
+    assert info["training"]["steps_done"] == 6
+    assert [r["step"] for r in read_log(member)] == [str(s) for s in range(1, 7)]

@@ -16,7 +16,6 @@ from pseudohealthy.engine.defaults import (
     DEFAULT_STEPS,
     PRECISIONS,
     SAMPLERS,
-    default_steps,
 )
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
@@ -257,10 +256,9 @@ def run(args: argparse.Namespace) -> int:
     from pseudohealthy.engine.settings import RestoreSettings
     from pseudohealthy.model.checkpoint import Ensemble
 
-    steps = args.steps if args.steps is not None else default_steps(args.sampler)
     settings = RestoreSettings(
         sampler=args.sampler,
-        steps=steps,
+        steps=args.steps,  # None: the sampler's default
         seed=args.seed,
         device=str(resolve_device(args.device)),
         batch_size=args.batch_size,

@@ -144,7 +144,8 @@ def _lesion_masks(args: argparse.Namespace, scans: list) -> list[Path | None] | 
 
 def _config(args: argparse.Namespace, folds: list[int], device_type: str) -> Any:
     """TrainConfig from: options given > the settings of a run being resumed > preset defaults."""
-    from pseudohealthy.training.config import TrainConfig, member_dir, read_saved_config
+    from pseudohealthy.training.config import TrainConfig, member_dir
+    from pseudohealthy.training.state import read_saved_config
 
     given = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt) is not None}
     if "inter_dir" in given:

@@ -44,10 +44,7 @@ def open_viewer(
     from napari.layers import Layer
 
     from pseudohealthy.data.sample import sample_mask_path, sample_scan_path
-    from pseudohealthy.napari._layers import show_axial
-    from pseudohealthy.napari._reader import read_one
-    from pseudohealthy.napari._restore_widget import RestoreWidget
-    from pseudohealthy.napari._threshold_widget import ThresholdWidget
+    from pseudohealthy.napari import RestoreWidget, ThresholdWidget, read_one, show_axial
 
     if scan is None:
         scan = sample_scan_path()

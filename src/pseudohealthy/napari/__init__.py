@@ -1,23 +1,32 @@
 """napari plugin: NIfTI reader/writer, sample data, restoration and threshold widgets.
 
-Only this package (and ``pseudohealthy.cli.view``) imports napari and Qt. The widgets are
-imported lazily so that the reader and writer load without Qt.
+Only this package (and ``pseudohealthy.cli.view``) imports napari and Qt. The modules are private
+(npe2 layout); code outside the plugin uses the names below, loaded lazily so that importing the
+package (the reader and writer do) loads no Qt.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
-__all__ = ["RestoreWidget", "ThresholdWidget"]
+__all__ = ["RestoreWidget", "ThresholdWidget", "go_to_axial", "layer_frame", "read_one", "show_axial"]
+
+_HOMES = {
+    "RestoreWidget": "_restore_widget",
+    "ThresholdWidget": "_threshold_widget",
+    "go_to_axial": "_layers",
+    "layer_frame": "_layers",
+    "show_axial": "_layers",
+    "read_one": "_reader",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RestoreWidget":
-        from pseudohealthy.napari._restore_widget import RestoreWidget
-
-        return RestoreWidget
-    if name == "ThresholdWidget":
-        from pseudohealthy.napari._threshold_widget import ThresholdWidget
-
-        return ThresholdWidget
+    if name in _HOMES:
+        return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,6 +1,6 @@
 """Widget settings persisted between sessions as JSON in the user's config folder.
 
-The sampler names and defaults are the engine's (:mod:`pseudohealthy.engine.sampler`); a saved
+The sampler names and defaults are the engine's (:mod:`pseudohealthy.engine.defaults`); a saved
 file with other values still loads (unknown samplers fall back to the default).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pseudohealthy.data.files import write_json
-from pseudohealthy.engine.sampler import DEFAULT_SAMPLER, SAMPLERS, default_steps
+from pseudohealthy.engine.defaults import DEFAULT_SAMPLER, SAMPLERS, default_steps
 
 __all__ = ["SAMPLERS", "SLICE_MODES", "WidgetSettings", "config_dir", "load_settings", "save_settings"]
 

@@ -2,8 +2,7 @@
 the training lengths and cadences per preset family (:data:`PRESET_TRAINING`, chosen by
 :func:`preset_family`), the settings a resumed run must share with the run it continues
 (:data:`MUST_MATCH`), the columns of ``log.csv`` (:data:`LOG_FIELDS`), :class:`TrainError`, and
-where each fold's member lives and which seed it uses (:func:`member_dir`, :func:`member_seed`,
-:func:`read_saved_config`).
+where each fold's member lives and which seed it uses (:func:`member_dir`, :func:`member_seed`).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ __all__ = [
     "member_dir",
     "member_seed",
     "preset_family",
-    "read_saved_config",
 ]
 
 LOG_FIELDS = ("step", "loss", "val_loss", "val_ap", "lr", "time")
@@ -165,14 +163,3 @@ def member_seed(seed: int, fold: int) -> int:
 def member_dir(run_dir: str | Path, fold: int) -> Path:
     """``RUN_DIR/fold_K``: the member folder (what ``restore`` loads) and its training state."""
     return Path(run_dir) / f"fold_{int(fold)}"
-
-
-def read_saved_config(out_dir: str | Path) -> dict[str, Any] | None:
-    """The training settings stored in a member folder's latest resumable state, if any."""
-    # imported here: the state module imports this one
-    from pseudohealthy.training.state import LATEST, STATE_DIR, read_state_info
-
-    state_dir = Path(out_dir) / STATE_DIR
-    if not (state_dir / LATEST).is_file():
-        return None
-    return dict(read_state_info(state_dir).get("config", {}))

@@ -7,12 +7,15 @@ two validation tasks, early stopping on the moving average of the validation los
 best; batches come from (seed, epoch) alone and the diffusion noise from a saved generator, so a
 resumed run ends where an uninterrupted one would have (exactly, on the CPU). Under ``torchrun``
 batches are sharded over the ranks, the model is wrapped in DDP and only rank 0 validates and
-writes files.
+writes files. A CUDA out-of-memory in a training step stops the run with a one-line
+:class:`~pseudohealthy.training.config.TrainError` naming the batch size to try; the last
+resumable state stays as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -331,7 +334,7 @@ def _train_steps(s: _Session) -> None:
     batches = iter(s.loader) if not stop else None
     run.model.train()
     while not stop:
-        _train_step(s, next(batches))
+        _train_step_or_stop(s, next(batches))
         step = run.step
         run.elapsed = time.perf_counter() - start
         row = _loss_row(s)
@@ -345,6 +348,43 @@ def _train_steps(s: _Session) -> None:
         if config.step_delay:
             time.sleep(config.step_delay)
     del batches  # stops the loader's workers
+
+
+def _train_step_or_stop(s: _Session, batch: Mapping[str, torch.Tensor]) -> None:
+    """:func:`_train_step`; a CUDA out-of-memory stops training with a one-line :class:`TrainError`
+    naming the batch size to try (the last resumable state is left as it was)."""
+    try:
+        _train_step(s, batch)
+        return
+    except torch.cuda.OutOfMemoryError:
+        pass  # handled outside the except block, so that no traceback keeps the step's tensors alive
+    _out_of_memory(s)
+
+
+def _out_of_memory(s: _Session) -> None:
+    """Free what the failed step held and raise the :class:`TrainError` of an out-of-memory."""
+    s.run.optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    s.bar.close()
+    if s.tb is not None:
+        s.tb.close()
+    size = s.config.batch_size
+    where = f"step {s.run.step + 1} on {s.device}" + (
+        f", rank {s.dist_info.rank}" if s.dist_info.enabled else ""
+    )
+    advice = f"try --batch-size {size // 2}" if size > 1 else "use a smaller preset or --precision fp16"
+    saved = _saved_step(s.state_dir)
+    kept = "" if saved is None else f"; the state of step {saved} stays resumable (--resume, same batch size)"
+    raise TrainError(f"out of GPU memory at batch size {size} ({where}): {advice}{kept}")
+
+
+def _saved_step(state_dir: Path) -> int | None:
+    """The step of the latest resumable state in ``state_dir``; None when there is none."""
+    try:
+        return int(json.loads((state_dir / LATEST).read_text(encoding="utf-8"))["step"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _train_step(s: _Session, batch: Mapping[str, torch.Tensor]) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "check_resume",
     "gather_generators",
     "load_state",
+    "read_saved_config",
     "read_state_info",
     "save_best_weights",
     "save_state",
@@ -217,3 +218,11 @@ def save_best_weights(state_dir: Path, run: RunState) -> None:
     name = f"best_ema_{run.step:08d}.safetensors"
     _save_tensors(state_dir / name, _cpu_state(run.ema.module))
     run.best_file = name
+
+
+def read_saved_config(out_dir: str | Path) -> dict[str, Any] | None:
+    """The training settings stored in a member folder's latest resumable state, if any."""
+    state_dir = Path(out_dir) / STATE_DIR
+    if not (state_dir / LATEST).is_file():
+        return None
+    return dict(read_state_info(state_dir).get("config", {}))

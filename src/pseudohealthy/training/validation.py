@@ -21,7 +21,10 @@ from pseudohealthy.model.diffusion import Schedule, to_model_range, training_los
 from pseudohealthy.training.config import TrainConfig
 from pseudohealthy.training.distributed import unwrap
 
-__all__ = ["VALIDATION_MEMBER", "validate"]
+__all__ = ["VALIDATION_MEMBER", "VALIDATION_SAMPLER", "validate"]
+
+VALIDATION_SAMPLER = "ddim"
+"""The quick deterministic sampler of validation restorations (``config.val_ap_steps`` steps)."""
 
 VALIDATION_MEMBER = "validation"
 """The member name that keys the validation restorations' seeds (with the sample number)."""
@@ -120,7 +123,9 @@ def _val_maps(
     if not labels.any():
         return none
     conditioned = _conditioned(model)
-    plan = SamplerPlan.for_ensemble("ddim", config.val_ap_steps, schedule, conditioned=conditioned)
+    plan = SamplerPlan.for_ensemble(
+        VALIDATION_SAMPLER, config.val_ap_steps, schedule, conditioned=conditioned
+    )
     maps = []
     for sl in _batches(pick.size, max(1, 2 * config.batch_size)):
         rows = pick[sl]
