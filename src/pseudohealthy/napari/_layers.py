@@ -162,12 +162,6 @@ def geometry_kwargs(layer: Layer) -> dict[str, Any]:
     }
 
 
-def copy_geometry(source: Layer, target: Layer) -> None:
-    """Give ``target`` the scale, translate, rotate, shear, affine, units and axis labels of ``source``."""
-    for key, value in geometry_kwargs(source).items():
-        setattr(target, key, value)
-
-
 def show_axial(viewer: napari.Viewer) -> None:
     """Slice the viewer axially: slider on z (S), anterior up, patient's right on the left (radiological)."""
     layers = [lay for lay in viewer.layers if lay.ndim == 3]
