@@ -35,7 +35,7 @@ def _counted_pass(preset: str) -> dict[str, dict[Any, int]]:
 
     from pseudohealthy.model import network as model
 
-    def sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    def sdpa(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
         return sdpa_flop_count(q, k, v)
 
     # the CPU's fused attention kernel has no formula of its own: count it as the CUDA ones

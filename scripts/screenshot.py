@@ -1,8 +1,10 @@
 """Make docs/screenshot.png: the sample scan restored in napari, widgets docked.
 
 Opens the bundled BraTS FLAIR in napari (as ``pseudohealthy view`` does), restores a few
-slices around the one with the most tumour with the demo ensemble (or ``--ensemble``), applies
-the suggested threshold and saves a screenshot of the whole window. Needs a display; headless:
+slices around the one with the most tumour with the demo ensemble (or ``--ensemble``), keeps the
+automatic threshold, shows the ensemble's uncertainty (cyan) over the scan with the outlines of
+the ground truth and of the predicted lesions and the canvas' R/L, A/P labels, and saves a
+screenshot of the whole window. Needs a display; headless:
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot.py
 """
@@ -76,15 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         if time.perf_counter() - start > args.timeout:
             restore.cancel()
     print(f"restored in {time.perf_counter() - start:.1f} s: {restore.status.text()}")
-    threshold.apply_suggestion()
+    print(threshold.suggest_label.text())
 
-    # the ground-truth outline over the scan, the predicted mask as a semi-transparent overlay
-    lesion.visible = True
-    lesion.contour = 1
-    lesion.opacity = 0.9
-    pseudo = viewer.layers[f"{scan.name} pseudo-healthy"]
-    pseudo.visible = False
-    viewer.layers.selection.active = viewer.layers[f"{scan.name} anomaly map"]
+    # over the scan: the members' disagreement (cyan), the ground-truth and predicted outlines
+    from pseudohealthy.napari import output_name
+
+    restore.apply_window("1–99 %")
+    for role in ("pseudo", "anomaly"):
+        viewer.layers[output_name(scan.name, role)].visible = False
+    predicted = viewer.layers[output_name(scan.name, "mask")]
+    predicted.contour, predicted.opacity = 1, 1.0  # predicted lesions: a second outline
+    viewer.layers[output_name(scan.name, "uncertainty")].visible = True
+    viewer.layers.selection.active = viewer.layers[output_name(scan.name, "uncertainty")]
+    print("edge labels:", restore.edge_labels.text())
     viewer.reset_view()
     for _ in range(20):
         QApplication.processEvents()

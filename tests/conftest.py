@@ -12,6 +12,11 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Qt's QApplication calls setlocale(LC_ALL, ""): with no locale in the environment (CI, Xvfb) the
+# process then decodes text as ASCII. Give it a UTF-8 locale before any Qt test starts.
+if not any(os.environ.get(v) for v in ("LC_ALL", "LC_CTYPE", "LANG")):
+    os.environ["LC_CTYPE"] = "C.UTF-8"
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -197,7 +197,7 @@ REFUSALS = {
         "model.norm_num_groups",
         "missing",
     ),
-    "bad schedule": (_edit_json(_set("schedule.T", -5)), INFO_FILE, "schedule.T", "positive"),
+    "bad schedule": (_edit_json(_set("schedule.T", -5)), INFO_FILE, "schedule.T", "1..10000"),
     "image size disagrees": (_edit_json(_set("image_size", 64)), INFO_FILE, "image_size", "disagrees"),
     "truncated weights": (_truncate, WEIGHTS_FILE, None, "corrupt or truncated"),
     "garbage weights": (_garbage, WEIGHTS_FILE, None, "corrupt or truncated"),
@@ -241,7 +241,8 @@ def test_missing_folder_is_refused(tmp_path: Path) -> None:
 def test_ensemble_of_member_folders(tmp_path: Path) -> None:
     for i, name in enumerate(["fold_2", "fold_0", "fold_1"]):
         _save(tmp_path / "ens" / name, seed=i, fold=int(name[-1]))
-    (tmp_path / "ens" / "logs").mkdir()  # folders without pseudohealthy.json are not members
+    (tmp_path / "ens" / "logs").mkdir()  # folders without any checkpoint file are not members
+    (tmp_path / "ens" / "logs" / "train.csv").write_text("step,loss\n")
     ens = Ensemble.from_dir(tmp_path / "ens")
     assert ens.names == ["fold_0", "fold_1", "fold_2"] and len(ens) == 3
     assert ens.image_size == 32 and ens.conditioned and ens.schedule == Schedule()

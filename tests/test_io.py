@@ -313,3 +313,65 @@ def test_load_does_not_warn_on_clean_scan(make_nifti):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_scan(make_nifti())
+
+
+# ---- reading .nii.gz through one checked stream ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["scaled int16", "nifti2", "extension"])
+def test_checked_gzip_read_equals_nibabel(tmp_path, kind):
+    """The CRC-checked stream reads exactly what nibabel reads (scaling, NIfTI-2, extensions)."""
+    data = phantom((20, 18, 6)) * 1000
+    path = tmp_path / f"{kind.replace(' ', '_')}.nii.gz"
+    if kind == "nifti2":
+        img = nib.Nifti2Image(data, np.diag([0.9, 1.1, 2.0, 1.0]))
+    else:
+        img = nib.Nifti1Image(data, np.diag([-0.9, 1.1, 2.0, 1.0]))
+    if kind == "scaled int16":
+        img.set_data_dtype(np.int16)  # nibabel stores slope/intercept
+    if kind == "extension":
+        img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"made by a test" * 10))
+    nib.save(img, path)
+    expected = nib.load(path)
+    assert kind != "scaled int16" or expected.dataobj.slope != 1.0
+    vol = load_scan(path)
+    canon = nib.as_closest_canonical(expected)
+    np.testing.assert_array_equal(vol.data, canon.get_fdata(dtype=np.float32))
+    np.testing.assert_array_equal(vol.affine, canon.affine)
+
+
+def test_empty_and_temporary_files_are_named_as_such(tmp_path):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    _fails(tmp_path / "empty.nii.gz", "empty file")
+    path = write_nifti(tmp_path / ".scan.nii.gz.ab12cd34.tmp.nii.gz", phantom())
+    _fails(path, "temporary file of an unfinished write")
+
+
+def test_load_map(make_nifti, tmp_path):
+    from pseudohealthy.data.io import load_map
+
+    like = load_scan(make_nifti())
+    good = write_nifti(tmp_path / "a_anomaly.nii.gz", np.full(like.data.shape, 0.25, np.float32))
+    np.testing.assert_array_equal(load_map(good, like), 0.25)
+    flat = write_nifti(tmp_path / "flat_anomaly.nii.gz", np.zeros((32, 32), np.float32))
+    with pytest.raises(ScanError, match="anomaly map must be 3D"):
+        load_map(flat, like)
+    bad = np.zeros(like.data.shape, np.float32)
+    bad[1, 1, 1] = np.nan
+    with pytest.raises(ScanError, match="contains NaN or Inf"):
+        load_map(write_nifti(tmp_path / "nan_anomaly.nii.gz", bad), like)
+    with pytest.raises(ScanError, match="does not match"):
+        load_map(write_nifti(tmp_path / "small_anomaly.nii.gz", bad[:-1]), like)
+
+
+def test_nonfinite_rules(make_nifti):
+    data = phantom()
+    data[np.random.default_rng(0).random(data.shape) < 0.6] = np.nan
+    _fails(make_nifti(data, "scattered.nii.gz"), "mostly non-finite")
+    nan_background = phantom(background=np.nan)  # > 50% NaN, all of them outside the brain
+    with pytest.warns(ScanWarning, match="NaN/Inf"):
+        vol = load_scan(make_nifti(nan_background, "nanbg.nii.gz"))
+    assert np.isfinite(vol.data).all()
+    inf_brain = phantom()
+    inf_brain[inf_brain > 0] = np.inf
+    _fails(make_nifti(inf_brain, "infbrain.nii.gz"), "nothing left after replacing")

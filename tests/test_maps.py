@@ -11,6 +11,7 @@ from pseudohealthy.engine.maps import (
     anomaly_map,
     ensemble_map,
     foreground_mean,
+    member_disagreement,
     slice_scores,
     volume_score,
 )
@@ -146,3 +147,15 @@ def test_slice_and_volume_scores():
     assert foreground_mean(maps, np.zeros_like(fg)) == 0.0
     assert volume_score(slice_scores(maps)) == pytest.approx((0.0 + 0.5 + 0.05) / 3)
     assert volume_score([]) is None
+
+
+def test_member_disagreement_is_the_spread_of_the_member_maps():
+    members = np.stack([np.full((2, 4, 4), v, dtype=np.float32) for v in (0.1, 0.3, 0.5)])
+    fg = np.ones((2, 4, 4), dtype=bool)
+    fg[:, 0] = False
+    spread = member_disagreement(members, fg)
+    np.testing.assert_allclose(spread[fg], np.std([0.1, 0.3, 0.5]), rtol=1e-5)
+    assert not spread[~fg].any()
+    assert not member_disagreement(members[:1]).any()  # one member: no disagreement
+    with pytest.raises(ValueError):
+        member_disagreement(np.zeros(3))

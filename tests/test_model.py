@@ -159,6 +159,65 @@ def test_config_rejects_unknown_missing_and_inconsistent_settings() -> None:
     assert get_preset("cpu", image_size=128).image_size == 128
 
 
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"attention_levels": ("false", True)}, "attention_levels", "'false'"),
+        ({"attention_levels": (0, 1)}, "attention_levels", "true or false"),
+        ({"decoder_attention_levels": ("true", "true")}, "decoder_attention_levels", "true or false"),
+        ({"channels": ("8", "16")}, "channels", "integers"),
+        ({"channels": (8.0, 16)}, "channels", "integers"),
+        ({"channels": (True, 16)}, "channels", "integers"),
+        ({"channels": (8,) * 9, "attention_levels": (False,) * 9}, "channels", "at most 8"),
+        ({"channels": (4096, 4096)}, "channels", "1..2048"),
+        ({"num_res_blocks": 9}, "num_res_blocks", "1..8"),
+        ({"num_head_channels": 4096}, "num_head_channels", "1..2048"),
+        ({"image_channels": 17}, "image_channels", "1..16"),
+        ({"image_size": 2048}, "image_size", "..1024"),
+        ({"image_size": 8}, "image_size", "16.."),
+        ({"norm_eps": 2.0}, "norm_eps", "(0, 1]"),
+        ({"conditioned": "false"}, "conditioned", "true or false"),
+    ],
+)
+def test_config_bounds_and_real_booleans(overrides: dict, field: str, message: str) -> None:
+    """Sizes are bounded and flags must be real booleans ("false" is not read as True)."""
+    with pytest.raises(ConfigError) as err:
+        get_preset("tiny", **overrides)
+    assert err.value.field == field and message in str(err.value)
+    data = {
+        **get_preset("tiny").to_dict(),
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
+    }
+    with pytest.raises(ConfigError) as err:
+        ModelConfig.from_dict(data)
+    assert err.value.field == field
+
+
+def test_config_accepts_numpy_integers_and_booleans() -> None:
+    import numpy as np
+
+    cfg = get_preset("tiny", channels=np.array([8, 16]), attention_levels=np.array([False, True]))
+    assert cfg == get_preset("tiny") and all(type(c) is int for c in cfg.channels)
+    assert all(type(a) is bool for a in cfg.attention_levels)
+
+
+def test_schedule_bounds() -> None:
+    from pseudohealthy.model.diffusion import MAX_T, Schedule
+
+    assert Schedule(T=MAX_T).T == MAX_T
+    for kwargs, field in (
+        ({"T": MAX_T + 1}, "T"),
+        ({"T": 2e8}, "T"),
+        ({"T": 0}, "T"),
+        ({"beta_start": 0.5, "beta_end": 0.1}, "beta_start"),
+        ({"beta_end": float("nan")}, "beta_end"),
+        ({"kind": ["linear"]}, "kind"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            Schedule(**kwargs)
+        assert err.value.field == field, kwargs
+
+
 # ---- device.py -------------------------------------------------------------------------------
 
 

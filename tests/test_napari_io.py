@@ -49,7 +49,7 @@ def test_manifest_validates() -> None:
     result = subprocess.run(
         [str(Path(sys.executable).parent / "npe2"), "validate", str(REPO / "napari.yaml")],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -267,7 +267,7 @@ def test_sample_data_contribution(make_napari_viewer) -> None:
     viewer = make_napari_viewer()
     viewer.open_sample("pseudohealthy", "brats_flair")
     names = [lay.name for lay in viewer.layers]
-    assert names == ["brats2013_pat0006_flair", "brats2013_pat0006_lesion"]
+    assert names == ["brats2013_pat0006_flair", "brats2013_pat0006_flair ground truth"]
     scan, lesion = viewer.layers
     assert lesion.data.dtype == np.uint8 and lesion.data.max() == 1
     np.testing.assert_allclose(

@@ -53,12 +53,12 @@ def tiny_ensemble(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _open_brats(make_napari_viewer, shared_data: Path, tmp_path: Path):
+def _open_brats(make_napari_viewer, shared_data: Path, tmp_path: Path, show: bool = False):
     src = nib.load(shared_data / BRATS)
     small = src.slicer[60:180:2, 50:190:2, 60:100]  # 60 x 70 x 40 voxels, still LPS
     path = tmp_path / "brats_flair.nii.gz"
     nib.save(small, path)
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=show)
     (layer,) = viewer.open(str(path), plugin="pseudohealthy")
     return viewer, layer
 
@@ -135,10 +135,10 @@ def test_restore_end_to_end(
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert not worker.is_running
 
-    names = [output_name(layer.name, r) for r in ("pseudo", "anomaly", "mask")]
+    names = [output_name(layer.name, r) for r in ("pseudo", "anomaly", "mask", "uncertainty")]
     assert [lay.name for lay in viewer.layers] == [layer.name, *names]
-    pseudo, anomaly, mask = (viewer.layers[n] for n in names)
-    for out in (pseudo, anomaly, mask):
+    pseudo, anomaly, mask, spread = (viewer.layers[n] for n in names)
+    for out in (pseudo, anomaly, mask, spread):
         assert out.data.shape == layer.data.shape
         np.testing.assert_allclose(layer_affine(out), layer_affine(layer))
         np.testing.assert_allclose(out.scale, layer.scale)
@@ -168,7 +168,11 @@ def test_restore_end_to_end(
     restored[[19, 20, 21]] = True
     assert np.all(np.abs(pseudo.data[:, :, restored]).reshape(-1, 3).max(axis=0) > 0)
     assert np.all(anomaly.data[:, :, restored].reshape(-1, 3).max(axis=0) > 0)
-    assert not pseudo.data[:, :, ~restored].any() and not anomaly.data[:, :, ~restored].any()
+    # unrestored slices: NaN (transparent) in the pseudo-healthy image, 0 in the maps
+    assert np.isnan(pseudo.data[:, :, ~restored]).all() and not anomaly.data[:, :, ~restored].any()
+    assert not np.isnan(pseudo.data[:, :, restored]).any()
+    assert np.all(spread.data[:, :, restored].reshape(-1, 3).max(axis=0) > 0)  # members disagree
+    assert not spread.data[:, :, ~restored].any() and set(rec["uncertainty_scores"]) == {"19", "20", "21"}
     assert anomaly.data.min() >= 0 and anomaly.data.max() <= 1
     np.testing.assert_array_equal(mask.data, anomaly.data > record(mask)["threshold"])
     # the pseudo-healthy slices are in the scan's intensity range, background where the scan has it
@@ -182,7 +186,7 @@ def test_restore_end_to_end(
     viewer.dims.set_point(2, (frame.affine @ [0, 0, 30, 1])[2])
     _start(widget, qtbot, sampler="ddim", steps=3, mode="current")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert [id(viewer.layers[n]) for n in names] == before and len(viewer.layers) == 4
+    assert [id(viewer.layers[n]) for n in names] == before and len(viewer.layers) == 5
     assert run_record(anomaly).restored == [19, 20, 21, 30]
     assert run_record(anomaly).slice_scores[20] == run.slice_scores[20]  # kept, not restored again
     assert anomaly.data[:, :, 30].max() > 0 and anomaly.data[:, :, 20].max() > 0
@@ -386,8 +390,8 @@ def test_threshold_slider_updates_mask_and_plot_jumps(
     widget.slider.setValue(0.05)
     np.testing.assert_array_equal(outputs.mask.data, outputs.anomaly.data > 0.05)
     assert record(outputs.mask)["threshold"] == pytest.approx(0.05)
-    # suggestion: 99th percentile over the calm slices (scores <= median: 10, 12)
-    calm = outputs.anomaly.data[:, :, [10, 12]]
+    # suggestion: 99th percentile over the calm slices (scores at most half the highest: 10, 11, 12)
+    calm = outputs.anomaly.data[:, :, [10, 11, 12]]
     assert widget.suggested == pytest.approx(np.percentile(calm[calm > 0], 99))
     qtbot.mouseClick(widget.suggest_button, Qt.MouseButton.LeftButton)
     assert widget.threshold() == pytest.approx(round(widget.suggested, 3))
@@ -420,7 +424,11 @@ def test_view_command_opens_scan_with_widgets(
 
     assert main(["view", "missing.nii.gz"]) == 2  # one-line error, no napari window
     viewer, restore, threshold = view_cli.open_viewer(None, tiny_ensemble, viewer=make_napari_viewer())
-    assert [lay.name for lay in viewer.layers] == ["brats2013_pat0006_flair", "brats2013_pat0006_lesion"]
+    assert [lay.name for lay in viewer.layers] == [
+        "brats2013_pat0006_flair",
+        "brats2013_pat0006_flair ground truth",
+    ]
+    assert viewer.layers[1].visible and viewer.layers[1].contour > 0  # the outline, shown
     assert restore.layer_combo.currentText() == "brats2013_pat0006_flair"
     assert restore.member_list.count() == 2 and restore.restore_button.isEnabled()
     assert tuple(viewer.dims.not_displayed) == (2,)  # axial slicing
@@ -436,3 +444,247 @@ def test_widgets_open_from_the_plugin_menu(make_napari_viewer) -> None:
     viewer.open_sample("pseudohealthy", "brats_flair")
     assert restore.layer_combo.currentText() == "brats2013_pat0006_flair"  # follows new layers
     assert tuple(viewer.dims.not_displayed) == (2,)  # NIfTI scans are shown axially
+
+
+# ------------------------------------------------- issue 15: the viewer a reader keeps open
+def _restore_now(widget: RestoreWidget, qtbot, mode: str = "current", around: int = 0) -> None:
+    _start(widget, qtbot, sampler="ddim", steps=2, mode=mode, around=around)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+
+
+def _go(viewer, layer, k: int) -> None:
+    frame = layer_frame(layer)
+    from pseudohealthy.napari._layers import go_to_axial
+
+    go_to_axial(viewer, layer, frame, k)
+
+
+def test_unrestored_slices_show_the_scan(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
+) -> None:
+    """No grey square: on a slice nothing restored, the canvas shows the scan as if the outputs
+    were not there (the pseudo-healthy image is NaN = transparent there)."""
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path, show=True)
+    widget = RestoreWidget(viewer)
+    assert widget.set_ensemble(tiny_ensemble)
+    _go(viewer, layer, 20)
+    _restore_now(widget, qtbot)
+    pseudo = viewer.layers[output_name(layer.name, "pseudo")]
+    assert pseudo.visible and pseudo.opacity == 1  # an opaque layer over the scan
+    _go(viewer, layer, 10)  # not restored
+    viewer.reset_view()
+    with_outputs = viewer.screenshot(canvas_only=True, flash=False)
+    for out in widget.outputs.all():
+        out.visible = False
+    scan_only = viewer.screenshot(canvas_only=True, flash=False)
+    assert scan_only[..., :3].std() > 5  # the scan is on screen
+    # the same picture (to rounding); an opaque 0 image (the old grey square) differs by far more
+    assert np.abs(with_outputs.astype(int) - scan_only.astype(int)).max() <= 3
+    for out in widget.outputs.all()[:1]:
+        out.visible = True
+    _go(viewer, layer, 20)  # restored: the pseudo-healthy image covers the scan
+    assert not np.array_equal(viewer.screenshot(canvas_only=True, flash=False), scan_only)
+
+
+def test_cancelled_rerun_keeps_every_finished_slice(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
+) -> None:
+    from pseudohealthy.engine.restore import SliceResult
+
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    widget = RestoreWidget(viewer)
+    threshold = ThresholdWidget(viewer)
+    assert widget.set_ensemble(tiny_ensemble)
+    _go(viewer, layer, 20)
+    _start(widget, qtbot, sampler="ddpm", steps=12, mode="current")  # slow enough to cancel
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    anomaly = viewer.layers[output_name(layer.name, "anomaly")]
+    first = run_record(anomaly)
+    assert first.restored == [20]
+
+    seen: list[int] = []
+    original = widget._on_yielded
+
+    def on_yield(item) -> None:
+        original(item)
+        if isinstance(item, SliceResult):
+            seen.append(int(item.index))
+            if len(seen) == 1:
+                widget.cancel()
+
+    widget._on_yielded = on_yield  # type: ignore[method-assign]
+    _go(viewer, layer, 30)
+    _start(widget, qtbot, sampler="ddpm", steps=12, mode="all")  # the same run: slice 20 is kept
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    rec = record(anomaly)
+    assert rec["status"] == "cancelled", (seen, widget.status.text())
+    run = run_record(anomaly)
+    assert set(run.restored) == {20, *seen} and len(seen) >= 1
+    assert run.slice_scores[20] == first.slice_scores[20]
+    assert run.volume_score is not None and "volume score" in threshold.score_label.text()
+    assert threshold.score_label.text() != "volume score: –"
+    assert "in all" in widget.status.text() and "0 slice(s)" not in widget.status.text()
+    # the score plot shows every restored slice of both runs
+    assert any(len(line.get_xdata()) == len(run.restored) for line in threshold.axes.lines)
+
+
+def test_threshold_rules() -> None:
+    from pseudohealthy.napari._outputs import calm_slices, suggest_threshold
+
+    rng = np.random.default_rng(0)
+    amap = np.zeros((40, 40, 6), dtype=np.float32)
+    for k in range(6):
+        amap[:, :, k] = rng.uniform(0.05, 0.3, (40, 40))
+        amap[10:20, 10:20, k] = rng.uniform(0.6, 0.9, (10, 10))  # a lesion on every slice
+    slices, scores = [0, 1, 2, 3], [0.2, 0.21, 0.19, 0.2]
+    assert calm_slices(slices, scores) == []  # alike: none is calm
+    value, rule = suggest_threshold(amap, slices, scores)
+    assert rule == "otsu" and 0.3 <= value <= 0.6  # between the tissue and the lesion
+    assert suggest_threshold(amap, slices, scores, validation=0.4) == (0.4, "validation")
+    amap[10:20, 10:20, 4] = amap[0:10, 0:10, 4]  # slice 4 healthy, with a clearly lower score
+    value, rule = suggest_threshold(amap, [0, 4], [0.2, 0.05])
+    assert rule == "calm" and value == pytest.approx(np.percentile(amap[:, :, 4], 99))
+    assert suggest_threshold(amap, [], []) == (None, "default")
+
+
+def test_default_threshold_on_sample_tumour(make_napari_viewer, qtbot) -> None:
+    """Demo ensemble on the sample's tumour slice: the automatic threshold says its rule and
+    gives a usable mask (Dice against the ground truth)."""
+    from pseudohealthy.cli import view as view_cli
+    from pseudohealthy.data.sample import demo_ensemble_path
+
+    if demo_ensemble_path() is None:
+        pytest.skip("no demo ensemble")
+    viewer, restore, threshold = view_cli.open_viewer(None, demo_ensemble_path(), viewer=make_napari_viewer())
+    scan, truth = viewer.layers[0], viewer.layers[1]
+    assert restore.ensemble_edit.text() == "demo"  # not the elided end of a long path
+    k = int(np.argmax(np.asarray(truth.data).sum(axis=(0, 1))))
+    _go(viewer, scan, k)
+    restore.sampler_combo.setCurrentText("ddim")
+    restore.steps_spin.setValue(10)
+    restore.device_combo.setCurrentText("cpu")
+    restore.mode_combo.setCurrentIndex(restore.mode_combo.findData("current"))
+    assert restore.restore() is not None
+    qtbot.waitUntil(lambda: restore.worker is None, timeout=300_000)
+    mask = viewer.layers[output_name(scan.name, "mask")]
+    rec = record(mask)
+    assert rec["threshold_rule"] == "otsu" and "Otsu" in threshold.suggest_label.text()
+    pred, gt = np.asarray(mask.data)[:, :, k] > 0, np.asarray(truth.data)[:, :, k] > 0
+    dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+    print(f"Dice at the default threshold {rec['threshold']:.3f}: {dice:.3f}")
+    assert dice > 0.5
+    # names that say what a layer is; the ground-truth outline over the outputs, visible
+    names = [lay.name for lay in viewer.layers]
+    assert names[-1] == f"{scan.name} ground truth" and truth.visible
+    assert f"{scan.name} predicted lesions" in names and f"{scan.name} uncertainty" in names
+    assert not any(n.endswith("lesion mask") for n in names)
+
+
+def test_dock_width_stable_and_empty_plot(make_napari_viewer, shared_data, tmp_path, qtbot) -> None:
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    widget = ThresholdWidget(viewer)
+    assert list(widget.axes.get_xticks()) == [] and widget.axes.texts  # no -0.4..0.4 axis
+    restore = RestoreWidget(viewer)
+    width = max(widget.sizeHint().width(), widget.minimumSizeHint().width())
+    rwidth = restore.minimumSizeHint().width()
+    outputs = ensure_outputs(viewer, layer, (0.0, 1.0))
+    slices = list(range(40))
+    run = RunRecord("e" * 200, [], {}, "cpu", slice_scores={k: 0.1234567 + k for k in slices})
+    set_record(outputs.anomaly, **run.to_dict())
+    restore.status.setText("restored axial 12 " + "x" * 400)
+    assert widget.score_label.text().startswith("volume score")
+    assert max(widget.sizeHint().width(), widget.minimumSizeHint().width()) <= width
+    assert restore.minimumSizeHint().width() <= rwidth
+    assert widget.axes.get_xlim()[0] == -0.5 and widget.axes.get_xlim()[1] == layer.data.shape[2] - 0.5
+
+
+def test_quiet_opengl_and_binary_mask_warning(
+    make_napari_viewer, tiny_ensemble, qtbot, monkeypatch, caplog
+) -> None:
+    import logging
+
+    import napari.utils.notifications as notifications
+
+    from pseudohealthy.napari import quiet_opengl
+
+    quiet_opengl()
+    logger = logging.getLogger("OpenGL.acceleratesupport")
+    with caplog.at_level(logging.INFO, logger="OpenGL.acceleratesupport"):
+        logger.info("No OpenGL_accelerate module loaded: %s", "No module named 'OpenGL_accelerate'")
+        logger.info("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+    warned: list[str] = []
+    monkeypatch.setattr(notifications, "show_warning", lambda msg: warned.append(str(msg)))
+    viewer = make_napari_viewer()
+    data = np.zeros((4, 32, 32), dtype=np.float32)
+    data[:, 8:24, 8:24] = 1
+    viewer.add_image(data, name="mask as scan")
+    widget = RestoreWidget(viewer)
+    assert widget.set_ensemble(tiny_ensemble)
+    widget.device_combo.setCurrentText("cpu")
+    widget.steps_spin.setValue(1)
+    assert widget.restore() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert warned and "mask" in warned[0]
+
+
+def test_view_without_qt_binding_says_what_to_install(monkeypatch, capsys) -> None:
+    import sys
+    import tomllib
+
+    from pseudohealthy.cli import main
+
+    monkeypatch.setitem(sys.modules, "qtpy", None)  # import qtpy fails as without PyQt/PySide
+    assert main(["view"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PyQt6" in err[0] and "pseudohealthy[napari]" in err[0]
+    extra = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert any(dep.startswith("PyQt6") for dep in extra["project"]["optional-dependencies"]["napari"])
+
+
+def test_window_presets_linked_and_side_by_side(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
+) -> None:
+    from pseudohealthy.figures.orientation import EDGE_LABELS
+
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    widget = RestoreWidget(viewer)
+    assert widget.edge_labels.text() == EDGE_LABELS["axial"]  # R on the left: radiological
+    viewer.dims.order = (1, 2, 0)  # coronal
+    assert widget.edge_labels.text() == EDGE_LABELS["coronal"]
+    viewer.dims.order = (0, 2, 1)  # sagittal
+    assert widget.edge_labels.text() == EDGE_LABELS["sagittal"]
+    viewer.dims.order = (2, 1, 0)
+    assert widget.set_ensemble(tiny_ensemble)
+    _go(viewer, layer, 20)
+    _restore_now(widget, qtbot)
+    pseudo = viewer.layers[output_name(layer.name, "pseudo")]
+    anomaly = viewer.layers[output_name(layer.name, "anomaly")]
+    spread = viewer.layers[output_name(layer.name, "uncertainty")]
+    data = np.asarray(layer.data)
+    values, counts = np.unique(data, return_counts=True)
+    fg = data[data != values[np.argmax(counts)]]  # all but the background value
+
+    assert widget.layer_combo.count() == 1  # outputs are not offered as scans
+    widget.apply_window("1–99 %")
+    lo, hi = np.percentile(fg, (1, 99))
+    assert tuple(layer.contrast_limits) == pytest.approx((lo, hi), rel=1e-2)
+    assert tuple(pseudo.contrast_limits) == tuple(layer.contrast_limits)
+    widget.apply_window("scan limits")
+    assert tuple(layer.contrast_limits) == pytest.approx((data.min(), data.max()))
+    assert tuple(pseudo.contrast_limits) == tuple(layer.contrast_limits)
+    layer.contrast_limits = (0.1, 0.9)  # linked both ways
+    assert tuple(pseudo.contrast_limits) == pytest.approx((0.1, 0.9))
+    pseudo.contrast_limits = (0.2, 0.8)
+    assert tuple(layer.contrast_limits) == pytest.approx((0.2, 0.8))
+    # side by side: one click, napari's grid with scan | pseudo-healthy | map; again: back
+    assert not spread.visible
+    qtbot.mouseClick(widget.grid_button, Qt.MouseButton.LeftButton)
+    assert viewer.grid.enabled and tuple(viewer.grid.shape) == (1, 3)
+    assert [lay.name for lay in viewer.layers if lay.visible] == [layer.name, pseudo.name, anomaly.name]
+    qtbot.mouseClick(widget.grid_button, Qt.MouseButton.LeftButton)
+    assert not viewer.grid.enabled and viewer.layers[output_name(layer.name, "mask")].visible
+    # the uncertainty curve beside the score plot
+    threshold = ThresholdWidget(viewer)
+    assert threshold.spread_axes.lines and threshold.spread_axes.get_ylabel() == "uncertainty"

@@ -8,13 +8,21 @@ import pytest
 from conftest import phantom
 from pseudohealthy.data.io import load_mask, load_scan, volume_from_array
 from pseudohealthy.data.preprocess import (
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    OUTLIER_FACTOR,
+    ImageSizeError,
+    NormParams,
     SliceGeometry,
     background_value,
+    check_image_size,
     foreground_mask,
+    norm_params,
     normalise,
+    outlier_maximum,
     prepare_scan,
 )
-from pseudohealthy.errors import ScanError
+from pseudohealthy.errors import ScanError, ScanWarning
 
 BRATS = "lesion/brats2013/brats_2013_pat0003_1"
 
@@ -210,3 +218,95 @@ def test_denormalise_inverts_normalise(mslub_t1, norm):
     np.testing.assert_allclose(
         prep.denormalise(prep.images), prep.images * (hi - lo) + lo, rtol=1e-5, atol=1e-3
     )
+
+
+# ---- sizes, wide intensity ranges, outliers -----------------------------------------------------
+
+
+def test_check_image_size():
+    assert check_image_size(MIN_IMAGE_SIZE) == MIN_IMAGE_SIZE
+    assert check_image_size(np.int64(MAX_IMAGE_SIZE)) == MAX_IMAGE_SIZE
+    for bad in (MIN_IMAGE_SIZE - 1, MAX_IMAGE_SIZE + 1, 100000, True, 64.0):
+        with pytest.raises(ImageSizeError, match=f"--size must be an image size from {MIN_IMAGE_SIZE} to"):
+            check_image_size(bad, "--size")
+
+
+def test_geometry_refuses_sizes_above_the_limit_before_allocating():
+    with pytest.raises(ImageSizeError, match="above the limit"):
+        SliceGeometry((10, 10), 100000)
+    with pytest.raises(ImageSizeError):
+        prepare_scan(volume_from_array(phantom()), size=100000)
+
+
+def test_normalisation_of_ordinary_ranges_is_float32_as_before():
+    data = phantom() * 1000 - 3
+    fg = foreground_mask(data)
+    params = norm_params(data, fg)
+    old = (data - np.float32(params.lo)) / np.float32(params.hi - params.lo)  # the float32 formula
+    old = np.clip(old, 0.0, 1.0)
+    old[old < 1e-4] = 0.0
+    old[~fg] = 0.0
+    np.testing.assert_array_equal(params.apply(data, fg), old)
+    arr = np.linspace(0, 1, 11, dtype=np.float32)
+    expected = (arr * np.float32(params.hi - params.lo) + np.float32(params.lo)).astype(np.float32)
+    np.testing.assert_array_equal(params.invert(arr), expected)
+
+
+@pytest.mark.parametrize("method", ["max", "percentile"])
+def test_normalisation_near_the_float32_limit_is_finite(method, recwarn):
+    ph = phantom().astype(np.float64)
+    data = (ph / ph.max() * 6e38 - 3e38).astype(np.float32)
+    prep = prepare_scan(volume_from_array(data), size=16, norm=method)
+    assert np.isfinite(prep.normalised).all() and np.isfinite(prep.images).all()
+    assert prep.normalised.max() == 1.0 and prep.normalised[prep.foreground].min() >= 0.0
+    assert np.isfinite(prep.denormalise(prep.normalised)).all()
+    assert np.isfinite(prep.norm.invert(np.array([0.0, 1.0], np.float32))).all()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_unusable_normalisation_is_a_scan_error(monkeypatch):
+    import pseudohealthy.data.preprocess as pre
+
+    monkeypatch.setattr(pre, "norm_params", lambda *a, **k: NormParams("max", 0.0, np.nan, 0.0))
+    with pytest.raises(ScanError, match="normalisation is not finite"):
+        prepare_scan(volume_from_array(phantom()), size=16)
+
+
+def test_outlier_rule():
+    data = phantom() * np.float32(4.5 / phantom().max())
+    fg = foreground_mask(data)
+    assert outlier_maximum(data[fg], 0.0) is None
+    data[16, 16, 6] = 100.0
+    top, p, ratio = outlier_maximum(data[foreground_mask(data)], 0.0)
+    assert top == 100.0 and 4.0 < p <= 4.5 and ratio > OUTLIER_FACTOR
+    assert outlier_maximum(np.zeros(0, np.float32), 0.0) is None
+    assert outlier_maximum(np.zeros(10, np.float32), 0.0) is None  # no spread: no rule
+
+
+def test_outlier_warning_only_for_divide_by_maximum(recwarn):
+    data = phantom() * np.float32(4.5 / phantom().max())
+    data[16, 16, 6] = 100.0
+    vol = volume_from_array(data, name="spiky")
+    with pytest.warns(ScanWarning, match=r"spiky: the maximum 100 lies .*norm='percentile'"):
+        prepare_scan(vol, size=16)
+    recwarn.clear()
+    prepare_scan(vol, size=16, norm="percentile")
+    assert not [w for w in recwarn if issubclass(w.category, ScanWarning)]
+
+
+def test_no_outlier_warning_on_real_scans(brats, mslub_t1, recwarn):
+    prepare_scan(brats[0], size=32)
+    prepare_scan(mslub_t1, size=32)
+    assert not [w for w in recwarn if issubclass(w.category, ScanWarning)]
+
+
+def test_outlier_that_hides_the_foreground_is_named():
+    data = phantom()
+    data[16, 16, 6] = 1e30
+    with pytest.raises(ScanError, match=r"no axial slice .*maximum 1e\+30 lies .*outlier voxel"):
+        prepare_scan(volume_from_array(data), size=16)
+    data[16, 16, 6] = 0.0
+    data[np.abs(data) > 0] = 0.0
+    data[10, 10, 2] = 1.0  # a plain empty scan keeps the plain message
+    with pytest.raises(ScanError, match=r"foreground pixels$"):
+        prepare_scan(volume_from_array(data), size=16, min_foreground=0.05)

@@ -164,6 +164,10 @@ def test_restore_volume_collects_everything(volume, ensemble) -> None:
     assert np.abs(res.pseudo_healthy - volume.data)[~untouched].max() > 0
     assert res.volume_score == pytest.approx(np.mean([res.slice_scores[4], res.slice_scores[6]]))
     assert res.record.to_dict()["volume_score"] == res.volume_score
+    # the members' disagreement: a map per slice, 0 outside the restored foreground, and its score
+    assert res.uncertainty.shape == volume.data.shape and not res.uncertainty[untouched].any()
+    assert res.uncertainty[~untouched].max() > 0
+    assert set(res.record.uncertainty_scores) == {4, 6} and res.record.uncertainty_scores[4] > 0
     assert res.settings["sampler"] == "ddim" and res.settings["n_steps"] == 4
     assert res.settings["t_start"] is None and res.settings["image_size"] == 32
     assert res.timings["total_s"] >= sum(res.timings["per_slice_s"].values()) > 0

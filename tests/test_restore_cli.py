@@ -97,6 +97,7 @@ def test_members_and_folder_input(small_scan: Path, ensemble_dir: Path, tmp_path
         "a_preview.png",
         "a_pseudohealthy.nii.gz",
         "a_restore.json",
+        "a_uncertainty.nii.gz",
     ]
     from PIL import Image
 
@@ -173,7 +174,60 @@ def test_bad_scans_are_reported_and_the_rest_restored(
     assert _restore(empty, "--ensemble", ensemble_dir, "-o", out / "b", "--slices", "0:1", *FAST) == 2
     assert "none of the requested slices" in capsys.readouterr().err
     assert _restore(good, "--ensemble", tmp_path / "nowhere", "-o", out / "c", *FAST) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ensemble not found" in err and "bundled: demo" in err and len(err.strip().splitlines()) == 1
+
+
+def test_uncertainty_output(small_scan: Path, ensemble_dir: Path, tmp_path: Path, capsys) -> None:
+    src = nib.load(small_scan)
+    brain = np.zeros(src.shape, dtype=np.uint8)
+    brain[20:60, 15:75, :] = 1  # the restored foreground: this box, in slices 30 and 31
+    brain_path = tmp_path / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(brain, src.affine), brain_path)
+    scan = tmp_path / "x.nii.gz"
+    shutil.copy(small_scan, scan)
+    out = tmp_path / "out"
+    args = ["--slices", "30,31", "--brain-mask", brain_path, *FAST]
+    assert _restore(scan, "--ensemble", ensemble_dir, "-o", out, *args) == 0
+    img = nib.load(out / "x_uncertainty.nii.gz")
+    assert img.shape == src.shape
+    np.testing.assert_allclose(img.affine, src.affine)
+    spread = img.get_fdata()
+    restored = brain.astype(bool)
+    restored[:, :, [k for k in range(src.shape[2]) if k not in (30, 31)]] = False  # LPS: z is z
+    assert not spread[~restored].any()
+    assert spread[restored].max() > 0 and spread.min() >= 0  # two members disagree somewhere
+    record = json.loads((out / "x_restore.json").read_text())
+    assert set(record["uncertainty_scores"]) == {"30", "31"}
+    assert record["outputs"]["uncertainty"] == str(out / "x_uncertainty.nii.gz")
+    # a folder run skips it as an output; --overwrite rules apply to it like to the others
+    assert collect_scans([out]) == []
+    for p in out.iterdir():
+        if p.name != "x_uncertainty.nii.gz":
+            p.unlink()
+    assert _restore(scan, "--ensemble", ensemble_dir, "-o", out, *args) == 2
+    assert "x_uncertainty.nii.gz: already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["x_uncertainty.nii.gz"]
+    # one member: no disagreement anywhere
+    one = tmp_path / "one"
+    assert _restore(scan, "--ensemble", ensemble_dir, "-o", one, "--members", "fold0", *args) == 0
+    assert not nib.load(one / "x_uncertainty.nii.gz").get_fdata().any()
+
+
+def test_help_and_bundled_ensemble_by_name(tmp_path: Path, capsys) -> None:
+    from pseudohealthy.data.sample import sample_scan_path
+
+    with pytest.raises(SystemExit):
+        main(["restore", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "<name>_uncertainty.nii.gz" in text and "standard deviation" in text and "demo" in text
+    out = tmp_path / "out"
+    args = ["--slices", "60", "--no-preview", *FAST]
+    rc = _restore(sample_scan_path(), "--ensemble", "demo", "-o", out, *args)
+    assert rc == 0
+    record = json.loads((out / "brats2013_pat0006_flair_restore.json").read_text())
+    assert len(record["ensemble"]["members"]) == 3 and record["restored_slices"] == [60]
+    assert (out / "brats2013_pat0006_flair_uncertainty.nii.gz").is_file()
 
 
 def test_parse_slices() -> None:

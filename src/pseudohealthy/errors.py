@@ -29,5 +29,15 @@ class CheckpointError(PseudohealthyError):
         super().__init__(f"{path}{where}: {problem}")
 
 
+class NonFiniteError(PseudohealthyError):
+    """A computation produced NaN or infinite values (e.g. a network's output); names the source
+    (the ensemble members) and the problem, instead of writing NaN results."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
+
+
 class ScanWarning(UserWarning):
     """Something in a scan was repaired (e.g. NaN voxels replaced)."""

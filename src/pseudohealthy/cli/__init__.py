@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "restore": "restore",
     "evaluate": "evaluate",
     "view": "view",
+    "sample": "sample",
 }
 
 
@@ -58,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"pseudohealthy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the command did not wrap (the OS's reason, in one line)
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"pseudohealthy {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pseudohealthy {args.command}: interrupted", file=sys.stderr)

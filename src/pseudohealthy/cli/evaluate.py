@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from pseudohealthy.cli.batch import Batch, OutputSet, check_output_dir
 from pseudohealthy.engine.defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, default_steps
 from pseudohealthy.errors import PseudohealthyError
 
 OUTPUTS = ("metrics.json", "pr_curve.png", "roc_curve.png")
+MAPS_DIR = "anomaly_maps"  # OUT/anomaly_maps/<name>_anomaly.nii.gz: maps restored here, for reuse
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -22,7 +25,12 @@ def register(subparsers) -> argparse.ArgumentParser:
             "scans: AP_i, AUROC (slice level), AP_p, best Dice and Dice at 5% FPR (pixel level), "
             "next to the intensity baseline (Meissen et al.). Maps come from --restorations "
             "(<name>_anomaly.nii.gz written by 'pseudohealthy restore', reused as they are) or "
-            "are computed with --ensemble. Writes metrics.json, pr_curve.png and roc_curve.png."
+            "are computed with --ensemble and saved to OUT/anomaly_maps/<name>_anomaly.nii.gz "
+            "(an existing one is refused before anything is computed: reuse it with "
+            "--restorations OUT/anomaly_maps, or replace it with --overwrite). Writes "
+            "metrics.json, pr_curve.png and roc_curve.png. A scan that fails is reported in one "
+            "line and the others go on (their maps are still saved), but no metrics are written "
+            "then (pooled metrics need the whole set): the run ends with a count and exit status 2."
         ),
     )
     data = parser.add_argument_group("test set (one of)")
@@ -42,7 +50,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     maps = parser.add_argument_group("anomaly maps")
     maps.add_argument("--restorations", type=Path, help="folder of <name>_anomaly.nii.gz to reuse")
-    maps.add_argument("--ensemble", type=Path, help="ensemble folder to restore scans without a map")
+    maps.add_argument(
+        "--ensemble", type=Path, help="ensemble folder (or bundled name: demo) to restore scans without a map"
+    )
     maps.add_argument(
         "--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help=f"sampler (default {DEFAULT_SAMPLER})"
     )
@@ -60,7 +70,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=128, help="evaluation frame size (default 128)")
     parser.add_argument("--invert-baseline", action="store_true", help="baseline scores dark voxels (T1)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (metrics, plots and OUT/anomaly_maps/<name>_anomaly.nii.gz)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -81,8 +95,10 @@ def _cases(args: argparse.Namespace):
 
 
 def _check(args: argparse.Namespace, cases) -> None:
-    if args.size < 16:
-        raise PseudohealthyError(f"--size must be at least 16, got {args.size}")
+    from pseudohealthy.data.preprocess import check_image_size
+
+    check_output_dir(args.output)
+    check_image_size(args.size, "--size")
     if args.slices_per_volume is not None and args.slices_per_volume < 1:
         raise PseudohealthyError(f"--slices-per-volume must be at least 1, got {args.slices_per_volume}")
     if args.steps is not None and args.steps < 1:
@@ -91,14 +107,34 @@ def _check(args: argparse.Namespace, cases) -> None:
         raise PseudohealthyError("give --restorations (existing anomaly maps) and/or --ensemble")
     if args.restorations is not None and not args.restorations.is_dir():
         raise PseudohealthyError(f"{args.restorations}: restorations folder not found")
+    from pseudohealthy.data.io import scan_exists
+
     for case in cases:
-        for path in (case.scan, case.mask, case.brain_mask):
+        if not scan_exists(case.scan):
+            raise PseudohealthyError(f"{case.scan}: scan not found ({case.name})")
+        for path in (case.mask, case.brain_mask):
             if path is not None and not path.is_file():
                 raise PseudohealthyError(f"{path}: file not found ({case.name})")
     for name in OUTPUTS:
         path = args.output / name
         if path.exists() and not args.overwrite:
             raise PseudohealthyError(f"{path}: already exists (use --overwrite to replace it)")
+
+
+def _check_saved_maps(args: argparse.Namespace, cases, missing: list[str]) -> None:
+    """Refuse (without --overwrite) to restore a case whose map would replace a saved one."""
+    from pseudohealthy.evaluation.cases import saved_map_path
+
+    if args.overwrite:
+        return
+    save_dir = Path(args.output) / MAPS_DIR
+    for case in cases:
+        path = saved_map_path(save_dir, case)
+        if case.name in missing and path.exists():
+            raise PseudohealthyError(
+                f"{path}: already exists (reuse the saved maps with --restorations {save_dir}, "
+                "or replace them with --overwrite)"
+            )
 
 
 def _settings(args: argparse.Namespace):
@@ -114,78 +150,115 @@ def _settings(args: argparse.Namespace):
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Gather the test set, get the maps, pool, write metrics.json and the plots; returns 0."""
-    from tqdm import tqdm
+def _engine(args: argparse.Namespace) -> dict:
+    return {
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "seed": args.seed,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "faithful_ssim": bool(args.faithful_ssim),
+    }
 
-    from pseudohealthy.data.files import write_text
-    from pseudohealthy.evaluation.cases import case_entries
-    from pseudohealthy.evaluation.pooling import evaluate_maps, format_table, save_plots, to_json
+
+def _missing(args: argparse.Namespace, cases) -> list[str]:
+    """The cases without a map in --restorations; checked to be restorable."""
     from pseudohealthy.evaluation.testsets import find_restoration
 
-    quiet = bool(getattr(args, "quiet", False))
-    cases = _cases(args)
-    _check(args, cases)
     missing = [c.name for c in cases if find_restoration(c, args.restorations) is None]
     if missing and args.ensemble is None:
         where = f"in {args.restorations}" if args.restorations else "anywhere"
         raise PseudohealthyError(
             f"no anomaly map {where} for {', '.join(missing)}; give --ensemble to restore them"
         )
-    if missing and not args.ensemble.is_dir():
-        raise PseudohealthyError(
-            f"{args.ensemble}: ensemble folder not found (needed for {', '.join(missing)})"
-        )
+    if missing:  # a folder, or a bundled ensemble's name (demo)
+        from pseudohealthy.data.sample import resolve_ensemble
+
+        args.ensemble = resolve_ensemble(args.ensemble)
+    _check_saved_maps(args, cases, missing)
+    return missing
+
+
+def _write(result: dict, out_dir: Path, method: str) -> tuple[Path, Path, Path]:
+    """The plots, then metrics.json; all three or none (write failures as one line)."""
+    from pseudohealthy.data.files import write_text
+    from pseudohealthy.evaluation.pooling import save_plots, to_json
+
+    metrics_path = out_dir / "metrics.json"
+    with OutputSet() as out:
+        plots = [out_dir / name for name in OUTPUTS[1:]]
+        pr_path, roc_path = out.write(plots, save_plots, result, out_dir, method)
+        out.write(metrics_path, write_text, metrics_path, to_json(result))
+    return metrics_path, pr_path, roc_path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Gather the test set, get the maps, pool, write metrics.json and the plots.
+
+    Returns 0, or 2 (after one line per failed scan and a count, with no metrics written) when
+    any scan failed.
+    """
+    from tqdm import tqdm
+
+    from pseudohealthy.evaluation.cases import case_entries
+    from pseudohealthy.evaluation.metrics import MetricsError
+    from pseudohealthy.evaluation.pooling import evaluate_maps, format_table
+
+    quiet = bool(getattr(args, "quiet", False))
+    cases = _cases(args)
+    _check(args, cases)
+    missing = _missing(args, cases)
     if args.steps is None:
         args.steps = default_steps(args.sampler)
     restore_settings = _settings(args) if missing else None
-
-    def load_ensemble():
+    ensemble = None
+    if missing:  # read before anything is computed: a bad checkpoint fails here, once
         from pseudohealthy.model.checkpoint import Ensemble
 
-        return Ensemble.from_dir(args.ensemble)
+        ensemble = Ensemble.from_dir(args.ensemble)
 
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    batch = Batch("evaluate", len(cases), debug=bool(getattr(args, "debug", False)))
     entries = case_entries(
-        cases,
+        batch.each(cases),
         restorations=args.restorations,
-        ensemble=load_ensemble if missing else None,
+        ensemble=(lambda: ensemble) if missing else None,
         settings=restore_settings,
         slices_per_volume=args.slices_per_volume,
-        save_dir=out_dir / "anomaly_maps" if missing else None,
+        save_dir=out_dir / MAPS_DIR if missing else None,
+        overwrite=args.overwrite,
+        on_error=lambda exc, name: batch.fail(exc, name),
     )
 
     def bar(it):
         return tqdm(it, total=len(cases), desc="evaluate", unit="scan", disable=quiet)
 
     method = f"ensemble {args.ensemble.name}" if args.ensemble and not args.restorations else "restoration"
-    engine = None
-    if missing:
-        engine = {
-            "sampler": args.sampler,
-            "steps": args.steps,
-            "seed": args.seed,
-            "device": args.device,
-            "batch_size": args.batch_size,
-            "faithful_ssim": bool(args.faithful_ssim),
-        }
     settings = {
         "method": method,
         "restorations": str(args.restorations) if args.restorations else None,
         "ensemble": str(args.ensemble) if args.ensemble else None,
         "restored": missing,
-        "engine": engine,
+        "engine": _engine(args) if missing else None,
         "slices_per_volume": args.slices_per_volume,
         "size": args.size,
         "invert_baseline": bool(args.invert_baseline),
     }
-    result = evaluate_maps(
-        entries, size=args.size, invert_baseline=args.invert_baseline, progress=bar, settings=settings
-    )
-    metrics_path = out_dir / "metrics.json"
-    write_text(metrics_path, to_json(result))
-    pr_path, roc_path = save_plots(result, out_dir, method)
+    try:
+        result = evaluate_maps(
+            entries, size=args.size, invert_baseline=args.invert_baseline, progress=bar, settings=settings
+        )
+    except MetricsError:
+        if not batch.failed:
+            raise
+    if batch.failed:
+        print(
+            f"pseudohealthy evaluate: {batch.summary()}; no metrics written (pooled metrics need "
+            "every scan of the set)",
+            file=sys.stderr,
+        )
+        return 2
+    metrics_path, pr_path, roc_path = _write(result, out_dir, method)
     print(format_table(result, method))
     if not quiet:
         print(f"metrics -> {metrics_path}\nplots -> {pr_path}, {roc_path}")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from pseudohealthy.cli.batch import Batch, OutputSet, check_output_dir, output_names
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 log = logging.getLogger("pseudohealthy.data.preprocess")
@@ -19,17 +21,24 @@ def register(subparsers) -> argparse.ArgumentParser:
         "preprocess",
         help="skull-strip raw scans and register them to the MNI152 template (the model's frame)",
         description=(
-            "Register each SCAN (NIfTI files, or folders of them) to a T1 template (default: the "
+            "Register each SCAN (NIfTI files, DICOM series folders, or folders of them) to a T1 "
+            "template (default: the "
             "bundled 2 mm MNI152, ICBM 2009a) with an affine transform (SimpleITK, mutual "
             "information), skull-strip it with the template's brain mask mapped onto the scan, "
             "and write to OUT_DIR: <name>_preprocessed.nii.gz (the brain, 0 elsewhere, in the "
             "template frame or with --space native in the scan's own grid), "
             "<name>_brainmask.nii.gz (same grid) and <name>_transform.json (the 4x4 affine, "
-            "template -> scan world mm, and its inverse). Needs: pip install "
+            "template -> scan world mm, and its inverse). Scans that share a file name are named "
+            "after their folders too (a/T1.nii.gz, b/T1.nii.gz -> a_T1_*, b_T1_*; printed). Each "
+            "failing scan is reported in one line and the others go on (exit status 2 after a "
+            "count); a scan's outputs appear together or not at all. Needs: pip install "
             "'pseudohealthy[preprocess]'."
         ),
     )
-    parser.add_argument("scans", nargs="+", type=Path, metavar="SCAN", help="NIfTI scans or folders of them")
+    parser.add_argument(
+        "scans", nargs="+", type=Path, metavar="SCAN",
+        help="NIfTI scans, DICOM series folders, or folders of them",
+    )  # fmt: skip
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR", help="output folder")
     parser.add_argument(
         "--template",
@@ -117,20 +126,13 @@ def outputs_for(out_dir: Path, name: str) -> tuple[Path, Path, Path]:
     return tuple(out_dir / f"{name}{suffix}" for suffix in SUFFIXES)  # type: ignore[return-value]
 
 
-def _check_outputs(args: argparse.Namespace, scans: list[Path], masks: list[Path | None]) -> None:
-    """Refuse colliding names, outputs onto inputs and (without --overwrite) existing outputs."""
-    from pseudohealthy.data.io import scan_name
-
-    names = [scan_name(s) for s in scans]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise PseudohealthyError(
-            f"several scans are named {', '.join(dupes)}: their outputs would collide; preprocess them "
-            "into separate folders"
-        )
+def _check_outputs(
+    args: argparse.Namespace, scans: list[Path], names: list[str], masks: list[Path | None]
+) -> None:
+    """Refuse an unusable output folder, outputs onto inputs and (without --overwrite) existing
+    outputs, before anything is computed."""
+    check_output_dir(args.output)
     inputs = {p.resolve() for p in scans} | {m.resolve() for m in masks if m is not None}
-    if args.output.exists() and not args.output.is_dir():
-        raise PseudohealthyError(f"{args.output}: exists and is not a folder")
     for name in names:
         extra = (args.output / f"{name}{MASK_SUFFIX}",) if args.masks else ()
         for path in (*outputs_for(args.output, name), *extra):
@@ -168,12 +170,65 @@ def record_result(
     )
 
 
+def _preprocess_one(
+    scan_path: Path,
+    name: str,
+    mask_path: Path | None,
+    other_path: Path | None,
+    template,
+    settings,
+    args: argparse.Namespace,
+) -> Path:
+    """Register, skull-strip and write one scan's outputs (all or none); returns the image path."""
+    from pseudohealthy.data import registration as reg
+    from pseudohealthy.data.io import load_mask, load_scan, save_like
+
+    volume = load_scan(scan_path)
+    brain = load_mask(mask_path, volume) if mask_path is not None else None
+    other = load_mask(other_path, volume) if other_path is not None else None
+    result = reg.preprocess_scan(
+        volume,
+        template,
+        space=args.space,
+        skull_strip=not args.no_skull_strip,
+        brain_mask=brain,
+        refine=args.refine,
+        voxel_size=args.voxel_size,
+        settings=settings,
+    )
+    image_path, mask_out, transform_path = outputs_for(args.output, name)
+    overwrite = args.overwrite
+    with OutputSet() as out:
+        out.write(image_path, save_like, result.image, result.like, image_path, overwrite=overwrite)
+        out.write(mask_out, save_like, result.mask, result.like, mask_out, dtype="uint8", overwrite=overwrite)
+        if other is not None:
+            carried = reg.carry_mask(other, volume, result)
+            other_out = args.output / f"{name}{MASK_SUFFIX}"
+            out.write(
+                other_out, save_like, carried, result.like, other_out, dtype="uint8", overwrite=overwrite
+            )
+            result.transform.info["mask"] = {"source": str(other_path), "output": other_out.name}
+        record_result(result, volume, template, scan_path, args, brain is not None)
+        out.write(transform_path, result.transform.save, transform_path, overwrite=overwrite)
+    if not getattr(args, "quiet", False):
+        from tqdm import tqdm
+
+        s = result.transform.summary()
+        tqdm.write(
+            f"{name}: scales {s['scales']}, rotation {s['rotation_deg']} deg, "
+            f"{result.transform.info.get('seconds', 0):.1f} s -> {image_path}"
+        )
+    return image_path
+
+
 def run(args: argparse.Namespace) -> int:
-    """Preprocess every scan; returns 0."""
+    """Preprocess every scan; a failing scan is reported in one line and the rest go on.
+
+    Returns 0, or 2 after a count when any scan failed.
+    """
     from tqdm import tqdm
 
     from pseudohealthy.data import registration as reg
-    from pseudohealthy.data.io import load_mask, load_scan, save_like
 
     quiet = bool(getattr(args, "quiet", False))
     if args.voxel_size is not None and args.space != "mni":
@@ -182,45 +237,28 @@ def run(args: argparse.Namespace) -> int:
         raise PseudohealthyError(f"--voxel-size must be 0.25..10 mm, got {args.voxel_size:g}")
     if args.refine and (args.no_skull_strip or args.brain_mask):
         raise PseudohealthyError("--refine tightens the atlas brain mask; it does not apply with this option")
+    check_output_dir(args.output)
     scans = _scans(args)
     masks = _per_scan(args.brain_mask, scans, "brain mask", "--brain-mask")
     others = _per_scan(args.masks, scans, "mask", "--masks")
-    _check_outputs(args, scans, [*masks, *others])
+    names = output_names(scans)
+    _check_outputs(args, scans, names, [*masks, *others])
     reg.backend()  # a missing SimpleITK is reported before any work
     template = reg.load_template(args.template, args.template_mask)
     settings = reg.RegistrationSettings(dof=args.transform, seed=args.seed)
-    args.output.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(list(zip(scans, masks, others, strict=True)), desc="preprocess", unit="scan", disable=quiet)
-    for scan_path, mask_path, other_path in bar:
-        volume = load_scan(scan_path)
-        bar.set_postfix_str(volume.name)
-        brain = load_mask(mask_path, volume) if mask_path is not None else None
-        result = reg.preprocess_scan(
-            volume,
-            template,
-            space=args.space,
-            skull_strip=not args.no_skull_strip,
-            brain_mask=brain,
-            refine=args.refine,
-            voxel_size=args.voxel_size,
-            settings=settings,
-        )
-        image_path, mask_out, transform_path = outputs_for(args.output, volume.name)
-        save_like(result.image, result.like, image_path, overwrite=args.overwrite)
-        save_like(result.mask, result.like, mask_out, dtype="uint8", overwrite=args.overwrite)
-        if other_path is not None:
-            other = reg.carry_mask(load_mask(other_path, volume), volume, result)
-            other_out = args.output / f"{volume.name}{MASK_SUFFIX}"
-            save_like(other, result.like, other_out, dtype="uint8", overwrite=args.overwrite)
-            result.transform.info["mask"] = {"source": str(other_path), "output": other_out.name}
-        record_result(result, volume, template, scan_path, args, brain is not None)
-        result.transform.save(transform_path, overwrite=args.overwrite)
-        if not quiet:
-            s = result.transform.summary()
-            tqdm.write(
-                f"{volume.name}: scales {s['scales']}, rotation {s['rotation_deg']} deg, "
-                f"{result.transform.info.get('seconds', 0):.1f} s -> {image_path}"
-            )
+    def echo(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+
+    batch = Batch("preprocess", len(scans), debug=bool(getattr(args, "debug", False)), echo=echo)
+    work = list(zip(scans, names, masks, others, strict=True))
+    bar = tqdm(work, desc="preprocess", unit="scan", disable=quiet)
+    for scan_path, name, mask_path, other_path in batch.each(bar):
+        bar.set_postfix_str(name)
+        with batch.attempt():
+            _preprocess_one(scan_path, name, mask_path, other_path, template, settings, args)
+    bar.close()
     if not quiet:
-        print(f"{len(scans)} scan(s) preprocessed ({args.space} space) -> {args.output}")
-    return 0
+        done = batch.attempted - len(batch.failed)
+        count = f"{done} of {len(scans)}" if done < len(scans) else f"{len(scans)}"
+        print(f"{count} scan(s) preprocessed ({args.space} space) -> {args.output}")
+    return batch.finish()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pseudohealthy.cli.batch import Batch, OutputSet, check_output_dir, output_names
 from pseudohealthy.engine.defaults import (
     BASELINE_T_START,
     COMPILE_MODES,
@@ -19,7 +20,7 @@ from pseudohealthy.engine.defaults import (
 )
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
-OUTPUT_SUFFIXES = ("_pseudohealthy", "_anomaly", "_restore", "_preview")
+OUTPUT_SUFFIXES = ("_pseudohealthy", "_anomaly", "_uncertainty", "_restore", "_preview")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -28,15 +29,35 @@ def register(subparsers) -> argparse.ArgumentParser:
         "restore",
         help="restore scans to pseudo-healthy tissue with an ensemble and write anomaly maps",
         description=(
-            "Restore every foreground axial slice of each SCAN (NIfTI files, or folders of them) "
+            "Restore every foreground axial slice of each SCAN (NIfTI files, DICOM series folders "
+            "(FOLDER::SERIES picks one of several), or folders of them) "
             "with every member of an ensemble and write, in the scan's own geometry, "
             "<name>_pseudohealthy.nii.gz (original intensity units), <name>_anomaly.nii.gz "
-            "(ensemble 1 - SSIM map, 0 outside the restored foreground) and <name>_restore.json "
-            "(scores, per-slice scores, seeds, settings, timings, members)."
+            "(ensemble 1 - SSIM map, 0 outside the restored foreground), <name>_uncertainty.nii.gz "
+            "(the members' disagreement: per-voxel standard deviation of their 1 - SSIM maps, 0 "
+            "outside the restored foreground and everywhere for a one-member ensemble), "
+            "<name>_preview.png (the top-scoring slices: input, pseudo-healthy, map, uncertainty; "
+            "radiological view, edges labelled R/L/A/P) and <name>_restore.json "
+            "(scores, per-slice scores and uncertainties, seeds, settings, timings, members). "
+            "Inputs that share a file name (a/FLAIR.nii.gz, b/FLAIR.nii.gz) are named after their "
+            "folders too (a_FLAIR, "
+            "b_FLAIR; printed, and the input path is in <name>_restore.json). Each failing scan is "
+            "reported in one line and the others go on; the exit status is then 2, after a count. "
+            "A scan's outputs appear together or not at all; nothing existing is replaced without "
+            "--overwrite, and the output folder is checked before any scan is restored."
         ),
     )
-    parser.add_argument("scans", nargs="+", type=Path, metavar="SCAN", help="NIfTI scans or folders of them")
-    parser.add_argument("--ensemble", type=Path, required=True, help="ensemble folder (or one checkpoint)")
+    parser.add_argument(
+        "scans", nargs="+", type=Path, metavar="SCAN",
+        help="NIfTI scans, DICOM series folders, or folders of them",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ensemble",
+        type=Path,
+        required=True,
+        help="ensemble folder (or one checkpoint), or the name of a bundled ensemble: demo "
+        "(see pseudohealthy sample)",
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
     parser.add_argument(
         "--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"default {DEFAULT_SAMPLER}"
@@ -115,22 +136,39 @@ def _is_output(path: Path) -> bool:
     return name.endswith(OUTPUT_SUFFIXES) or "_anomaly_" in name
 
 
+def _folder_scans(path: Path) -> list[Path]:
+    """The scans of a folder of scans: its NIfTI files (sorted, skipping this command's outputs
+    and temporary files), then its subfolders that hold a DICOM series (one scan each)."""
+    from pseudohealthy.data.io import is_dicom_folder, is_nifti_name
+
+    entries = sorted(path.iterdir())
+    found = [p for p in entries if p.is_file() and is_nifti_name(p) and not _is_output(p)]
+    found += [p for p in entries if not p.name.startswith(".") and is_dicom_folder(p)]
+    if not found:
+        warning = f"pseudohealthy restore: warning: no NIfTI scans or DICOM series in folder {path}"
+        print(warning, file=sys.stderr)
+    return found
+
+
 def collect_scans(paths: list[Path]) -> list[Path]:
-    """Files as given; folders -> their NIfTI files (sorted), skipping this command's outputs."""
-    from pseudohealthy.data.io import is_nifti_name
+    """Files as given; a folder holding a DICOM series (or ``folder::SERIES``) is ONE scan; other
+    folders -> their scans (:func:`_folder_scans`); a scan given twice is kept once."""
+    from pseudohealthy.data.io import is_dicom_folder
 
     scans: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            found = sorted(
-                p for p in path.iterdir() if p.is_file() and is_nifti_name(p) and not _is_output(p)
-            )
-            if not found:
-                print(f"pseudohealthy restore: warning: no NIfTI scans in folder {path}", file=sys.stderr)
-            scans.extend(found)
+        if path.is_dir() and not is_dicom_folder(path):
+            scans.extend(_folder_scans(path))
         else:
             scans.append(path)
-    return scans
+    seen: set[Path] = set()
+    unique = []
+    for path in scans:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -141,6 +179,7 @@ def _outputs(out_dir: Path, name: str, members: list[str] | None, preview: bool 
     outputs = {
         "pseudo_healthy": out_dir / f"{name}_pseudohealthy.nii.gz",
         "anomaly": out_dir / f"{name}_anomaly.nii.gz",
+        "uncertainty": out_dir / f"{name}_uncertainty.nii.gz",
     }
     for member in members or []:
         outputs[f"anomaly_{member}"] = out_dir / f"{name}_anomaly_{member}.nii.gz"
@@ -158,6 +197,12 @@ def _check_outputs(outputs: dict[str, Path], inputs: list[Path], written: set[Pa
             raise ScanError(path, "another scan of this run has the same name and already wrote it")
         if path.exists() and not overwrite:
             raise ScanError(path, "already exists (use --overwrite to replace it)")
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars as Python numbers, anything else as text (for ``restore.json``)."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) and getattr(value, "shape", None) == () else str(value)
 
 
 def _progress_bar(name: str, quiet: bool):
@@ -182,25 +227,30 @@ def restore_scan(
     args: argparse.Namespace,
     inputs: list[Path],
     written: set[Path],
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Restore one scan and write its outputs; returns the JSON record."""
+    """Restore one scan and write its outputs, named ``name`` (default: the scan's file name).
+
+    The outputs are written whole or not at all (:class:`~pseudohealthy.cli.batch.OutputSet`,
+    the JSON record last); returns the record.
+    """
     import numpy as np
 
     from pseudohealthy import __version__
     from pseudohealthy.data.files import write_json
-    from pseudohealthy.data.io import load_mask, load_scan, save_like, scan_name
+    from pseudohealthy.data.io import load_mask, load_scan, save_like, scan_exists, scan_name
     from pseudohealthy.engine.restore import restore_volume
 
     quiet = bool(getattr(args, "quiet", False))
-    if not path.exists():
+    if not scan_exists(path):
         raise ScanError(path, "file not found")
+    name = name or scan_name(path)
     preview = not getattr(args, "no_preview", False)
-    outputs = _outputs(
-        Path(args.output), scan_name(path), ensemble.names if args.member_maps else None, preview
-    )
+    outputs = _outputs(Path(args.output), name, ensemble.names if args.member_maps else None, preview)
     _check_outputs(outputs, inputs, written, args.overwrite)
     volume = load_scan(path)
     brain = load_mask(args.brain_mask, volume) if args.brain_mask else None
+    lesion = load_mask(args.lesion_mask, volume) if getattr(args, "lesion_mask", None) else None
     slices = parse_slices(args.slices, volume.shape[2])
     bar, update = _progress_bar(volume.name, quiet)
     try:
@@ -210,52 +260,67 @@ def restore_scan(
     if not result.restored:
         raise ScanError(path, f"none of the requested slices ({args.slices}) has foreground")
 
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_like(result.pseudo_healthy, volume, outputs["pseudo_healthy"], overwrite=args.overwrite)
-    save_like(result.anomaly, volume, outputs["anomaly"], overwrite=args.overwrite)
-    if args.member_maps:
-        for m, member in enumerate(result.members):
-            save_like(result.member_maps[m], volume, outputs[f"anomaly_{member}"], overwrite=args.overwrite)
-    if preview:
-        from pseudohealthy.figures.preview import highest_scoring, save_preview
-
-        lesion = load_mask(args.lesion_mask, volume) if getattr(args, "lesion_mask", None) else None
-        save_preview(
-            outputs["preview"],
-            volume.data,
-            result.pseudo_healthy,
-            result.anomaly,
-            highest_scoring(result.slice_scores, 4),
-            lesion=lesion,
-            title=f"{volume.name}: volume score {result.volume_score:.4f}",
-            spacing=volume.spacing[:2],
+    overwrite = args.overwrite
+    uncertainty = result.uncertainty if result.uncertainty is not None else np.zeros_like(result.anomaly)
+    with OutputSet() as out:
+        volumes = (
+            ("pseudo_healthy", result.pseudo_healthy),
+            ("anomaly", result.anomaly),
+            ("uncertainty", uncertainty),
         )
-    record = {
-        "scan": str(path),
-        "name": volume.name,
-        "package_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "brain_mask": str(args.brain_mask) if args.brain_mask else None,
-        **result.record.to_dict(),
-        "outputs": {k: str(v) for k, v in outputs.items()},
-    }
-    write_json(outputs["json"], record, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+        for key, array in volumes:
+            out.write(outputs[key], save_like, array, volume, outputs[key], overwrite=overwrite)
+        if args.member_maps:
+            for m, member in enumerate(result.members):
+                target = outputs[f"anomaly_{member}"]
+                out.write(target, save_like, result.member_maps[m], volume, target, overwrite=overwrite)
+        if preview:
+            from pseudohealthy.figures.preview import highest_scoring, save_preview
+
+            out.write(
+                outputs["preview"],
+                save_preview,
+                outputs["preview"],
+                volume.data,
+                result.pseudo_healthy,
+                result.anomaly,
+                highest_scoring(result.slice_scores, 4),
+                lesion=lesion,
+                uncertainty=uncertainty,
+                title=f"{name}: volume score {result.volume_score:.4f}",
+                spacing=volume.spacing[:2],
+            )
+        record = {
+            "scan": str(path),
+            "name": name,
+            "package_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "brain_mask": str(args.brain_mask) if args.brain_mask else None,
+            **result.record.to_dict(),
+            "outputs": {k: str(v) for k, v in outputs.items()},
+        }
+        out.write(outputs["json"], write_json, outputs["json"], record, default=_json_default)
     written.update(p.resolve() for p in outputs.values())
     if not quiet:
         print(
-            f"{volume.name}: {len(result.restored)} slice(s), score {result.volume_score:.4f}, "
+            f"{name}: {len(result.restored)} slice(s), score {result.volume_score:.4f}, "
             f"{result.timings['total_s']:.1f} s -> {outputs['anomaly']}"
         )
     return record
 
 
 def run(args: argparse.Namespace) -> int:
-    """Restore every scan; a bad scan is reported in one line and skipped. Returns 0, or 2 if any failed."""
+    """Restore every scan; a bad scan is reported in one line and the rest go on.
+
+    The output folder is checked first (before the ensemble is read or anything restored).
+    Returns 0, or 2 after a count when any scan failed.
+    """
+    from pseudohealthy.data.sample import resolve_ensemble
     from pseudohealthy.device import resolve_device
     from pseudohealthy.engine.settings import RestoreSettings
     from pseudohealthy.model.checkpoint import Ensemble
 
+    check_output_dir(args.output)
     settings = RestoreSettings(
         sampler=args.sampler,
         steps=args.steps,  # None: the sampler's default
@@ -268,27 +333,21 @@ def run(args: argparse.Namespace) -> int:
         t_start=args.t_start,
         compile=args.compile,
     ).validate()
-    ensemble = Ensemble.from_dir(args.ensemble)
-    if args.members:
-        ensemble = ensemble.select([m.strip() for m in args.members.split(",") if m.strip()])
     scans = collect_scans(list(args.scans))
     if not scans:
         raise PseudohealthyError("no scans to restore")
     if getattr(args, "lesion_mask", None) and len(scans) != 1:
         raise PseudohealthyError("--lesion-mask needs exactly one scan")
+    ensemble = Ensemble.from_dir(resolve_ensemble(args.ensemble))
+    if args.members:
+        ensemble = ensemble.select([m.strip() for m in args.members.split(",") if m.strip()])
+    names = output_names(scans)
     inputs = [*scans, *([args.brain_mask] if args.brain_mask else [])]
     if getattr(args, "lesion_mask", None):
         inputs.append(args.lesion_mask)
     written: set[Path] = set()
-    failed = 0
-    for path in scans:
-        try:
-            restore_scan(path, ensemble, settings, args, inputs, written)
-        except PseudohealthyError as exc:
-            if getattr(args, "debug", False):
-                raise
-            failed += 1
-            print(f"pseudohealthy restore: error: {exc}", file=sys.stderr)
-    if failed and not getattr(args, "quiet", False):
-        print(f"{failed} of {len(scans)} scan(s) failed", file=sys.stderr)
-    return 2 if failed else 0
+    batch = Batch("restore", len(scans), debug=bool(getattr(args, "debug", False)))
+    for path, name in batch.each(zip(scans, names, strict=True)):
+        with batch.attempt():
+            restore_scan(path, ensemble, settings, args, inputs, written, name)
+    return batch.finish()

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from pseudohealthy.cli.batch import OutputSet, check_output_dir
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 GALLERY_SLICES = 3
@@ -19,7 +20,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=(
             "Corrupt the foreground axial slices of SCAN with synthetic anomalies, as used for "
             "training, and write <name>_<task>_corrupted.nii.gz and <name>_<task>_mask.nii.gz in "
-            "the scan's own geometry, plus <name>_gallery.png."
+            "the scan's own geometry, plus <name>_gallery.png. The output folder is checked before "
+            "anything is computed; the outputs appear together or not at all, and nothing existing "
+            "is replaced without --overwrite."
         ),
     )
     parser.add_argument("scan", type=Path, help="input NIfTI scan")
@@ -56,27 +59,26 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Corrupt, map back, write; returns 0."""
+    """Corrupt, map back, write (all outputs or none); returns 0."""
     import numpy as np
     from tqdm import tqdm
 
     from pseudohealthy.data.anomalies import TASKS, load_inter_sources
     from pseudohealthy.data.anomalies.scan import corrupt_scan, pick_positions
     from pseudohealthy.data.io import load_mask, load_scan, save_like
-    from pseudohealthy.data.preprocess import prepare_scan
+    from pseudohealthy.data.preprocess import check_image_size, prepare_scan
     from pseudohealthy.figures.gallery import save_gallery
 
     quiet = bool(getattr(args, "quiet", False))
     tasks = _tasks(args.task)
     if not tasks:
         raise PseudohealthyError("no task given")
-    if args.size < 16:
-        raise PseudohealthyError(f"--size must be at least 16, got {args.size}")
+    check_image_size(args.size, "--size")
     if args.slices is not None and args.slices < 1:
         raise PseudohealthyError(f"--slices must be at least 1, got {args.slices}")
 
+    out_dir = check_output_dir(args.output)
     volume = load_scan(args.scan)
-    out_dir = Path(args.output)
     name = volume.name
     outputs = {
         t: (out_dir / f"{name}_{TASKS[t]}_corrupted.nii.gz", out_dir / f"{name}_{TASKS[t]}_mask.nii.gz")
@@ -94,33 +96,32 @@ def run(args: argparse.Namespace) -> int:
     prepared = prepare_scan(volume, size=args.size, brain_mask=brain)
     positions = pick_positions(len(prepared.indices), args.slices)
     inter = load_inter_sources(args.inter_dir, size=args.size) if 1 in tasks else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     shown = positions[
         np.unique(np.linspace(0.25, 0.75, GALLERY_SLICES) * (len(positions) - 1)).round().astype(int)
     ]
     shown = np.unique(shown)
     rows = {}
-    for t in tasks:
+    with OutputSet() as out:
+        for t in tasks:
 
-        def bar(it, t=t):
-            return tqdm(it, desc=TASKS[t], unit="slice", disable=quiet, leave=False)
+            def bar(it, t=t):
+                return tqdm(it, desc=TASKS[t], unit="slice", disable=quiet, leave=False)
 
-        result = corrupt_scan(
-            prepared, t, seed=args.seed, positions=positions, inter_sources=inter, progress=bar
-        )
-        image_path, mask_path = outputs[t]
-        save_like(result.volume, volume, image_path, overwrite=args.overwrite)
-        save_like(
-            result.mask_volume.astype(np.uint8), volume, mask_path, dtype=np.uint8, overwrite=args.overwrite
-        )
-        rows[TASKS[t]] = [
-            (prepared.images[j], result.corrupted[j], result.masks[j], f"z{prepared.indices[j]}")
-            for j in shown
-        ]
-        if not quiet:
-            print(f"{TASKS[t]}: {len(positions)} slices -> {image_path}, {mask_path}")
-    save_gallery(gallery_path, rows, title=f"{name}: synthetic anomalies (seed {args.seed})")
+            result = corrupt_scan(
+                prepared, t, seed=args.seed, positions=positions, inter_sources=inter, progress=bar
+            )
+            image_path, mask_path = outputs[t]
+            out.write(image_path, save_like, result.volume, volume, image_path, overwrite=args.overwrite)
+            mask = result.mask_volume.astype(np.uint8)
+            out.write(mask_path, save_like, mask, volume, mask_path, dtype=np.uint8, overwrite=args.overwrite)
+            rows[TASKS[t]] = [
+                (prepared.images[j], result.corrupted[j], result.masks[j], f"z{prepared.indices[j]}")
+                for j in shown
+            ]
+            if not quiet:
+                print(f"{TASKS[t]}: {len(positions)} slices -> {image_path}, {mask_path}")
+        title = f"{name}: synthetic anomalies (seed {args.seed})"
+        out.write(gallery_path, save_gallery, gallery_path, rows, title=title)
     if not quiet:
         print(f"gallery -> {gallery_path}")
     return 0

@@ -26,7 +26,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("scan", nargs="?", type=Path, help="NIfTI scan (.nii / .nii.gz)")
     parser.add_argument(
-        "--ensemble", type=Path, help="ensemble folder (default: the last one used, else the bundled demo)"
+        "--ensemble",
+        type=Path,
+        help="ensemble folder, or a bundled ensemble's name: demo (default: the last one used, else demo)",
     )
     parser.add_argument("--mask", type=Path, help="a lesion mask to show over the scan (optional)")
     parser.set_defaults(func=run)
@@ -52,16 +54,23 @@ def open_viewer(
     for path in (scan, mask):
         if path is not None and not Path(path).is_file():
             raise ScanError(path, "file not found")
-    if ensemble is not None and not Path(ensemble).is_dir():
-        raise PseudohealthyError(f"{ensemble}: ensemble folder not found")
+    if ensemble is not None:  # a folder, or a bundled ensemble's name (demo)
+        from pseudohealthy.data.sample import resolve_ensemble
+
+        ensemble = resolve_ensemble(ensemble)
     layers = [read_one(scan)]
-    if mask is not None:
+    if mask is not None:  # the ground truth: an outline over everything, visible
+        from pseudohealthy.napari import ground_truth_name
+
         data, kwargs, _ = read_one(mask)
-        layers.append((data, {**kwargs, "opacity": 0.5, "visible": False}, "labels"))
+        name = ground_truth_name(layers[0][1]["name"])
+        layers.append((data, {**kwargs, "name": name, "opacity": 0.9}, "labels"))
 
     viewer = viewer or napari.Viewer(title=f"pseudohealthy — {Path(scan).name}")
     for data, kwargs, kind in layers:
-        viewer.add_layer(Layer.create(data, kwargs, kind))
+        added = viewer.add_layer(Layer.create(data, kwargs, kind))
+        if kind == "labels":
+            added.contour = 1  # an outline: the tissue under it stays visible
     viewer.layers.selection.active = viewer.layers[layers[0][1]["name"]]
     show_axial(viewer)
     restore = RestoreWidget(viewer)
@@ -74,13 +83,34 @@ def open_viewer(
     return viewer, restore, threshold
 
 
-def run(args: argparse.Namespace) -> int:
+QT_MISSING = (
+    "no Qt binding found (napari needs one): pip install 'pseudohealthy[napari]' brings PyQt6, "
+    "or pip install PyQt6"
+)
+
+
+def check_gui() -> None:
+    """Raise a one-line :class:`PseudohealthyError` naming what to install when napari or a Qt
+    binding is missing (instead of qtpy's traceback)."""
     try:
-        import napari
+        import napari  # noqa: F401
     except ImportError as exc:
         raise PseudohealthyError(
-            "napari is not installed: pip install 'pseudohealthy[napari]' (and a Qt binding such as PyQt6)"
+            "napari is not installed: pip install 'pseudohealthy[napari]' (brings napari and PyQt6)"
         ) from exc
+    try:
+        import qtpy  # noqa: F401  (raises QtBindingsNotFoundError without PyQt/PySide)
+    except Exception as exc:
+        raise PseudohealthyError(QT_MISSING) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from pseudohealthy.napari import quiet_opengl
+
+    quiet_opengl()
+    check_gui()
+    import napari
+
     open_viewer(args.scan, args.ensemble, args.mask)
     napari.run()
     return 0

@@ -1,6 +1,7 @@
 """Training data: healthy slices in memory, corrupted on the fly with the fold's synthetic tasks.
 
-- :func:`find_scans` finds NIfTI scans (files or folders, skipping masks);
+- :func:`find_scans` finds NIfTI scans (files or folders, skipping masks) and DICOM series
+  folders;
   :func:`collect_training_scans` adds each scan's optional brain mask.
 - :class:`HealthySlices` loads every scan once into model-frame slices and splits them into
   training and held-out slices by volume.
@@ -27,7 +28,14 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pseudohealthy.data.anomalies import Corruptor, keyed_rng, sample_rng, task_indices
-from pseudohealthy.data.io import is_nifti_name, load_mask, load_scan, scan_name
+from pseudohealthy.data.io import (
+    is_dicom_folder,
+    is_dicom_source,
+    is_nifti_name,
+    load_mask,
+    load_scan,
+    scan_name,
+)
 from pseudohealthy.data.preprocess import prepare_scan
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
@@ -92,16 +100,18 @@ def find_scans(
     """Every NIfTI file given or found under given folders, resolved, each once, in order.
 
     Folders are searched recursively for ``*.nii`` / ``*.nii.gz`` (:func:`is_nifti_name`),
-    skipping names that look like masks (:data:`MASK_WORDS`); ``exclude`` / ``include`` are glob
-    patterns on the file name or path. Raises :class:`ScanError` when a path is missing or no
-    scan is found.
+    skipping names that look like masks (:data:`MASK_WORDS`), and for subfolders holding a DICOM
+    series; a folder that holds a DICOM series (or ``folder::SERIES``) is one scan. ``exclude`` /
+    ``include`` are glob patterns on the file name or path.
+    Raises :class:`ScanError` when a path is missing or no scan is found.
     """
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and is_nifti_name(p))
-            files = [p for p in files if not _looks_like_mask(p)]
+        if is_dicom_folder(path) or (not path.exists() and is_dicom_source(path)):
+            files = [path]  # one DICOM series (``folder::SERIES`` chooses one of several)
+        elif path.is_dir():
+            files = _scans_under(path)
         elif path.is_file():
             files = [path]
         else:
@@ -113,8 +123,16 @@ def find_scans(
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
         given = ", ".join(str(p) for p in paths) or "(nothing)"
-        raise ScanError(None, f"no NIfTI scans found in {given}")
+        raise ScanError(None, f"no NIfTI scans found in {given} (nor DICOM series)")
     return unique
+
+
+def _scans_under(folder: Path) -> list[Path]:
+    """NIfTI files under ``folder`` (recursively, sorted, skipping masks), then the subfolders
+    that hold a DICOM series (each one scan)."""
+    entries = sorted(folder.rglob("*"))
+    files = [p for p in entries if p.is_file() and is_nifti_name(p) and not _looks_like_mask(p)]
+    return files + [p for p in entries if p.is_dir() and not p.name.startswith(".") and is_dicom_folder(p)]
 
 
 def collect_training_scans(

@@ -296,7 +296,7 @@ class AffineTransform:
         """Read a transform written by :meth:`save`."""
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
             matrix = np.asarray(raw["template_to_scan"], dtype=float)
         except FileNotFoundError:
             raise ScanError(path, "transform file not found") from None

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from importlib.resources import files
 from pathlib import Path
 
+from pseudohealthy.errors import PseudohealthyError
+
+__all__ = [
+    "BUNDLED_ENSEMBLES",
+    "bundled_ensemble_path",
+    "copy_sample",
+    "demo_ensemble_path",
+    "resolve_ensemble",
+    "sample_data_dir",
+    "sample_mask_path",
+    "sample_scan_path",
+]
+
+SAMPLE_LICENSE = "LICENSE-BraTS.txt"
 SAMPLE_SCAN = "brats2013_pat0006_flair.nii.gz"
 SAMPLE_MASK = "brats2013_pat0006_lesion.nii.gz"
 DEMO_ENSEMBLE = "demo_ensemble"
+
+BUNDLED_ENSEMBLES = {
+    "demo": DEMO_ENSEMBLE,
+}
+"""Names that ``--ensemble`` (``restore``, ``evaluate``, ``view``) and the viewer's ensemble field
+accept for a bundled ensemble -> its folder under ``sample_data``. One entry per bundled
+ensemble (e.g. ``"demo-t1"`` when a T1 ensemble is bundled)."""
 
 
 def sample_data_dir() -> Path:
@@ -39,6 +63,101 @@ def demo_ensemble_path() -> Path | None:
     except FileNotFoundError:
         return None
     return path if path.is_dir() else None
+
+
+def bundled_ensemble_path(name: str) -> Path:
+    """The folder of the bundled ensemble called ``name`` (a key of :data:`BUNDLED_ENSEMBLES`).
+
+    Raises :class:`~pseudohealthy.errors.PseudohealthyError` for an unknown name or a bundled
+    ensemble that is not installed.
+    """
+    if name not in BUNDLED_ENSEMBLES:
+        raise PseudohealthyError(f"{name!r} is not a bundled ensemble (bundled: {_bundled_names()})")
+    try:
+        path = sample_data_dir() / BUNDLED_ENSEMBLES[name]
+    except FileNotFoundError as exc:
+        raise PseudohealthyError(f"bundled ensemble {name!r} is not installed ({exc})") from None
+    if not path.is_dir():
+        raise PseudohealthyError(f"bundled ensemble {name!r} is not installed (no folder {path})")
+    return path
+
+
+def resolve_ensemble(name_or_path: str | Path) -> Path:
+    """What the user typed for an ensemble -> its path.
+
+    An existing path (an ensemble folder, a member folder or one checkpoint) is returned as
+    given, so a folder of the same name as a bundled ensemble wins; otherwise a bundled name
+    (``demo``) gives the bundled folder. Anything else raises a
+    :class:`~pseudohealthy.errors.PseudohealthyError` in one line that lists the bundled names.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path).strip()
+    if name in BUNDLED_ENSEMBLES:
+        return bundled_ensemble_path(name)
+    raise PseudohealthyError(
+        f"{name_or_path}: ensemble not found (no such folder or file, and not the name of a "
+        f"bundled ensemble; bundled: {_bundled_names()}, see pseudohealthy sample)"
+    )
+
+
+def copy_sample(dest: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Copy the bundled scan, mask, demo ensemble (and the data's licence) into folder ``dest``.
+
+    Returns ``{"scan", "mask", "ensemble", "license"} -> copied path``. Every file is written to a
+    temporary name and renamed into place, the ensemble folder as a whole (a temporary folder
+    renamed), so an interrupted copy leaves no half file or folder under a final name. Nothing
+    existing is replaced without ``overwrite`` (checked for all four before anything is copied).
+    """
+    from pseudohealthy.data.files import atomic_write
+
+    dest = Path(dest)
+    ensemble = bundled_ensemble_path("demo")
+    sources = {
+        "scan": sample_scan_path(),
+        "mask": sample_mask_path(),
+        "ensemble": ensemble,
+        "license": _existing(sample_data_dir() / SAMPLE_LICENSE),
+    }
+    targets = {key: dest / src.name for key, src in sources.items()}
+    existing = [str(t) for t in targets.values() if t.exists() or t.is_symlink()]
+    if existing and not overwrite:
+        raise PseudohealthyError(f"{', '.join(existing)}: already exist(s) (use --overwrite to replace)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for key, src in sources.items():
+        if src.is_dir():
+            _copy_folder(src, targets[key])
+        else:
+            atomic_write(targets[key], lambda tmp, src=src: shutil.copyfile(src, tmp))
+    return targets
+
+
+def _copy_folder(src: Path, target: Path) -> None:
+    """Copy folder ``src`` to a hidden temporary folder beside ``target``, then rename it into
+    place (an existing ``target`` is moved aside first and removed after)."""
+    from pseudohealthy.data.files import TEMP_MARK
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_MARK, dir=target.parent))
+    old: Path | None = None
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=shutil.copyfile)
+        if target.exists() or target.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=TEMP_MARK, dir=target.parent))
+            os.replace(target, old / target.name)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists() and (old / target.name).exists():
+            os.replace(old / target.name, target)  # put the old folder back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _bundled_names() -> str:
+    return ", ".join(sorted(BUNDLED_ENSEMBLES))
 
 
 def _existing(path: Path) -> Path:

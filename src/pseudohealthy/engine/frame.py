@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from pseudohealthy.device import autocast
-from pseudohealthy.engine.maps import anomaly_map, ensemble_map, slice_scores
+from pseudohealthy.engine.maps import anomaly_map, ensemble_map, member_disagreement, slice_scores
 from pseudohealthy.engine.sampler import SamplerPlan, denoise, slice_noise, slice_seed
+from pseudohealthy.errors import NonFiniteError
 from pseudohealthy.model.diffusion import Schedule, from_model_range, to_model_range
 
 __all__ = [
     "FrameResult",
     "batch_noise",
+    "check_finite",
     "compiled",
     "default_batch_size",
     "restore_frame",
@@ -75,7 +77,9 @@ class FrameResult:
 
     ``restorations`` ``(M, B, S, S)`` in ``[0, 1]``; ``member_maps`` ``(M, B, S, S)`` 1 - SSIM
     maps; ``maps`` ``(B, S, S)`` their ensemble mean (0 outside the foreground); ``scores``
-    ``(B,)`` and ``member_scores`` ``(B, M)`` the slice scores; ``seeds`` ``[slice][member]``.
+    ``(B,)`` and ``member_scores`` ``(B, M)`` the slice scores; ``seeds`` ``[slice][member]``;
+    ``uncertainty`` ``(B, S, S)`` the members' disagreement (per-pixel standard deviation of their
+    maps) and ``uncertainty_scores`` ``(B,)`` its slice means.
     """
 
     restorations: np.ndarray
@@ -84,6 +88,8 @@ class FrameResult:
     scores: np.ndarray
     member_scores: np.ndarray
     seeds: list[list[int]]
+    uncertainty: np.ndarray
+    uncertainty_scores: np.ndarray
 
 
 def _model_fn(model: nn.Module, device: torch.device, precision: str) -> Callable:
@@ -117,7 +123,8 @@ def restore_frame_steps(
     start image of a plan with ``t_start``; ``masks`` ``(B, S, S)`` their foreground; ``indices``
     the slices' keys for the seeds (canonical axial indices, or sample numbers). Yields the step
     number (1..``plan.n_steps``) after each step of all members, then one :class:`FrameResult`.
-    Stop iterating to cancel.
+    Stop iterating to cancel. A member whose restorations hold NaN or infinite values raises
+    :class:`~pseudohealthy.errors.NonFiniteError` naming it (no NaN maps are returned).
     """
     device = torch.device(device)
     images = np.asarray(images, dtype=np.float32)
@@ -138,7 +145,19 @@ def restore_frame_steps(
     finally:
         for run in runs:
             run.close()
+    check_finite(xs, names)
     yield _frame_result(xs, images, masks, seeds, faithful_ssim)
+
+
+def check_finite(xs: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """Raise :class:`NonFiniteError` naming the members whose final ``x`` is not all finite."""
+    bad = [name for name, x in zip(names, xs, strict=True) if not bool(torch.isfinite(x).all())]
+    if bad:
+        raise NonFiniteError(
+            f"member{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}",
+            "the network output NaN or infinite values (broken weights, or a reduced precision "
+            "overflowing: try precision fp32)",
+        )
 
 
 def _frame_result(
@@ -149,7 +168,10 @@ def _frame_result(
     member_maps = np.stack([anomaly_map(r, images, masks, faithful=faithful) for r in rest])
     maps = ensemble_map(member_maps, masks)
     member_scores = np.stack([slice_scores(m) for m in member_maps], axis=1)
-    return FrameResult(rest, member_maps, maps, slice_scores(maps), member_scores, seeds)
+    spread = member_disagreement(member_maps, masks)
+    return FrameResult(
+        rest, member_maps, maps, slice_scores(maps), member_scores, seeds, spread, slice_scores(spread)
+    )
 
 
 def restore_frame(*args, **kwargs) -> FrameResult:

@@ -23,6 +23,7 @@ __all__ = [
     "anomaly_map",
     "ensemble_map",
     "foreground_mean",
+    "member_disagreement",
     "slice_scores",
     "volume_score",
 ]
@@ -99,6 +100,18 @@ def ensemble_map(member_maps: np.ndarray, foreground: np.ndarray | None = None) 
         if fg.shape != out.shape:
             raise ValueError(f"foreground shape {fg.shape} differs from map shape {out.shape}")
         out[~fg] = 0.0
+    return out
+
+
+def member_disagreement(member_maps: np.ndarray, foreground: np.ndarray | None = None) -> np.ndarray:
+    """The ensemble's uncertainty: the per-pixel standard deviation of the member maps ``(M, ...)``
+    (0 for a single member, and outside ``foreground``)."""
+    stack = np.asarray(member_maps, dtype=np.float32)
+    if stack.ndim < 2:
+        raise ValueError(f"member maps must be (M, ...), got shape {stack.shape}")
+    out = stack.std(axis=0).astype(np.float32)
+    if foreground is not None:
+        out[~np.asarray(foreground, dtype=bool)] = 0.0
     return out
 
 

@@ -31,7 +31,8 @@ class RunRecord:
 
     ``settings`` holds what the run used (the restore settings plus the resolved ``n_steps``,
     ``t_start``, ``image_size``, ``norm``, ``square`` and ``autocast``). Slice keys are canonical
-    axial indices. ``timings`` holds run-level seconds (``total_s``, ``prepare_s``).
+    axial indices. ``uncertainty_scores``: per slice, the mean of the members' disagreement.
+    ``timings`` holds run-level seconds (``total_s``, ``prepare_s``).
     """
 
     ensemble: str
@@ -42,6 +43,7 @@ class RunRecord:
     member_scores: dict[int, list[float]] = field(default_factory=dict)
     seeds: dict[int, list[int]] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
+    uncertainty_scores: dict[int, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     completed: bool = False
 
@@ -71,6 +73,7 @@ class RunRecord:
         self.member_scores[k] = [float(s) for s in result.member_scores]
         self.seeds[k] = [int(s) for s in result.seeds]
         self.seconds[k] = float(result.seconds)
+        self.uncertainty_scores[k] = float(result.uncertainty_score)
 
     def run_key(self) -> dict[str, Any]:
         """What must agree for slices of two runs to belong to one result."""
@@ -95,6 +98,8 @@ class RunRecord:
             self.member_scores[k] = list(other.member_scores.get(k, []))
             self.seeds[k] = list(other.seeds.get(k, []))
             self.seconds[k] = other.seconds.get(k, 0.0)
+            if k in other.uncertainty_scores:
+                self.uncertainty_scores[k] = other.uncertainty_scores[k]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (slice keys as strings, ascending)."""
@@ -110,6 +115,7 @@ class RunRecord:
             "volume_score": self.volume_score,
             "slice_scores": by_slice(self.slice_scores),
             "member_scores": by_slice(self.member_scores),
+            "uncertainty_scores": by_slice(self.uncertainty_scores),
             "restored_slices": sorted(self.restored),
             "seeds": by_slice(self.seeds),
             "timings": {**self.timings, "mean_per_slice_s": mean, "per_slice_s": by_slice(self.seconds)},
@@ -136,6 +142,7 @@ class RunRecord:
             member_scores={k: [float(s) for s in v] for k, v in by_int(data.get("member_scores")).items()},
             seeds={k: [int(s) for s in v] for k, v in by_int(data.get("seeds")).items()},
             seconds={k: float(v) for k, v in seconds.items()},
+            uncertainty_scores={k: float(v) for k, v in by_int(data.get("uncertainty_scores")).items()},
             timings={k: float(v) for k, v in timings.items()},
             completed=bool(data.get("completed", False)),
         )

@@ -69,7 +69,9 @@ class SliceResult:
     ``pseudo_healthy``: the same in the scan's own intensity units (the input outside the
     foreground); ``anomaly``: ensemble 1 - SSIM map in [0, 1] (0 outside the foreground);
     ``member_maps``: ``(M, X, Y)`` when asked for; ``score``: the ensemble map's mean in the
-    model frame (the reference's image score); ``seeds``: the torch seed of each member.
+    model frame (the reference's image score); ``seeds``: the torch seed of each member;
+    ``uncertainty``: the members' disagreement (per-pixel standard deviation of their maps, 0
+    outside the foreground) and ``uncertainty_score`` its mean in the model frame.
     """
 
     index: int
@@ -81,6 +83,8 @@ class SliceResult:
     pseudo_healthy: np.ndarray | None = None
     member_scores: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    uncertainty: np.ndarray | None = None
+    uncertainty_score: float = 0.0
 
 
 @dataclass
@@ -89,13 +93,15 @@ class RestoreResult:
 
     ``pseudo_healthy`` is in the scan's original intensity units and equals the input outside
     the restored slices' foreground; ``anomaly`` is 0 there. ``member_maps`` is ``(M, X, Y, Z)``
-    when asked for. Scores, seeds, timings and settings are the record's.
+    when asked for; ``uncertainty`` is the members' disagreement (0 where nothing is restored).
+    Scores, seeds, timings and settings are the record's.
     """
 
     pseudo_healthy: np.ndarray
     anomaly: np.ndarray
     member_maps: np.ndarray | None
     record: RunRecord
+    uncertainty: np.ndarray | None = None
 
     @property
     def slice_scores(self) -> dict[int, float]:
@@ -261,6 +267,7 @@ def _slice_results(run: _Run, order: list[int], frame: FrameResult, seconds: flo
     prep, geo = run.prepared, run.prepared.geometry
     mean_rest = np.clip(geo.from_model(frame.restorations.mean(axis=0)), 0.0, 1.0)
     anomaly = np.clip(geo.from_model(frame.maps), 0.0, 1.0)
+    spread = np.clip(geo.from_model(frame.uncertainty), 0.0, 1.0)
     back_members = None
     if run.settings.keep_member_maps:
         m, b, s, _ = frame.member_maps.shape
@@ -283,6 +290,8 @@ def _slice_results(run: _Run, order: list[int], frame: FrameResult, seconds: flo
                 pseudo_healthy=pseudo,
                 member_scores=[float(s) for s in frame.member_scores[j]],
                 seconds=seconds,
+                uncertainty=np.where(fg, spread[j], 0.0).astype(np.float32),
+                uncertainty_score=float(frame.uncertainty_scores[j]),
             )
         )
     return results
@@ -442,6 +451,7 @@ def restore_volume(
     shape = prep.volume.data.shape
     pseudo = np.array(prep.volume.data, dtype=np.float32, copy=True)
     anomaly = np.zeros(shape, dtype=np.float32)
+    spread = np.zeros(shape, dtype=np.float32)
     keep_members = bool(record.settings.get("keep_member_maps"))
     members = np.zeros((len(record.members), *shape), dtype=np.float32) if keep_members else None
     prepare_s = time.perf_counter() - t0
@@ -453,8 +463,9 @@ def restore_volume(
         k = item.index
         pseudo[:, :, k] = item.pseudo_healthy
         anomaly[:, :, k] = item.anomaly
+        spread[:, :, k] = item.uncertainty
         if members is not None:
             members[:, :, :, k] = item.member_maps
     record.completed = len(record.restored) == len(restoration.order)
     record.timings = {"total_s": time.perf_counter() - t0, "prepare_s": prepare_s}
-    return RestoreResult(pseudo, anomaly, members, record)
+    return RestoreResult(pseudo, anomaly, members, record, spread)

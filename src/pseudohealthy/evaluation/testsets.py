@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pseudohealthy.data.io import is_nifti_name, scan_name
+from pseudohealthy.data.io import is_dicom_folder, is_nifti_name, scan_name
 from pseudohealthy.errors import PseudohealthyError
 
 __all__ = [
@@ -93,13 +93,16 @@ def cases_from_csv(path: str | Path) -> list[Case]:
 def cases_from_dir(
     folder: str | Path, scan_glob: str, mask_name: str, brain_mask_name: str | None = None
 ) -> list[Case]:
-    """NIfTI scans matching ``scan_glob`` under ``folder``; the mask is ``mask_name`` beside each scan."""
+    """NIfTI scans (or folders holding a DICOM series) matching ``scan_glob`` under ``folder``;
+    the mask is ``mask_name`` beside each scan."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PseudohealthyError(f"{folder}: dataset folder not found")
-    scans = sorted(p for p in folder.glob(scan_glob) if p.is_file() and is_nifti_name(p))
+    scans = sorted(
+        p for p in folder.glob(scan_glob) if (p.is_file() and is_nifti_name(p)) or is_dicom_folder(p)
+    )
     if not scans:
-        raise PseudohealthyError(f"{folder}: no NIfTI file matches {scan_glob!r}")
+        raise PseudohealthyError(f"{folder}: no NIfTI file (or DICOM series folder) matches {scan_glob!r}")
     cases = []
     for scan in scans:
         brain = scan.parent / brain_mask_name if brain_mask_name else None

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pseudohealthy.data.files import atomic_write
+from pseudohealthy.figures import save_figure
+from pseudohealthy.figures.orientation import axial_display
+from pseudohealthy.figures.preview import CONVENTION_NOTE, draw_edge_labels
 
 __all__ = ["GalleryItem", "save_gallery"]
 
@@ -16,8 +18,9 @@ GalleryItem = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[np.ndarray, np.n
 
 
 def _show(ax, image: np.ndarray, vmin: float, vmax: float) -> None:
-    # canonical (X, Y) slices: anterior up, patient's right on the right (neurological view)
-    ax.imshow(np.rot90(image), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    # canonical (X, Y) slices in the project's convention (radiological: patient's right on the left)
+    ax.imshow(axial_display(image), cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    draw_edge_labels(ax, fontsize=5)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -34,7 +37,9 @@ def save_gallery(
 
     Each item is ``(original, corrupted, mask[, label])`` (2D arrays of one shape); the
     panels are the original, the corrupted image and the corrupted image with the mask in
-    red. Uses matplotlib's Agg canvas (no display needed). Returns the path.
+    red, each a canonical ``(X, Y)`` axial slice shown radiologically with R/L/A/P at its edges
+    (:mod:`pseudohealthy.figures.orientation`; the convention is stated under the rows). Uses
+    matplotlib's Agg canvas (no display needed). Returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -43,7 +48,7 @@ def save_gallery(
     if not names or not any(len(rows[n]) for n in names):
         raise ValueError("the gallery has nothing to show")
     n_cols = 3 * max(len(rows[n]) for n in names)
-    fig = Figure(figsize=(panel_inches * n_cols, panel_inches * len(names) + (0.4 if title else 0.1)))
+    fig = Figure(figsize=(panel_inches * n_cols, panel_inches * len(names) + (0.4 if title else 0.1) + 0.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(names), n_cols, squeeze=False)
     for r, name in enumerate(names):
@@ -59,8 +64,9 @@ def save_gallery(
             _show(a0, original, vmin, vmax)
             _show(a1, corrupted, vmin, vmax)
             _show(a2, corrupted, vmin, vmax)
-            overlay = np.zeros((*np.rot90(mask).shape, 4), dtype=np.float32)
-            overlay[np.rot90(mask.astype(bool))] = (1.0, 0.1, 0.1, 0.45)
+            shown = axial_display(mask.astype(bool))
+            overlay = np.zeros((*shown.shape, 4), dtype=np.float32)
+            overlay[shown] = (1.0, 0.1, 0.1, 0.45)
             a2.imshow(overlay, interpolation="nearest")
             a0.set_title(f"{label} original".strip(), fontsize=7)
             a1.set_title("corrupted", fontsize=7)
@@ -69,5 +75,6 @@ def save_gallery(
                 a0.set_ylabel(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    fig.text(0.5, 0.005, CONVENTION_NOTE, ha="center", va="bottom", fontsize=7, color="0.3", gid="convention")
+    fig.tight_layout(rect=(0, 0.2 / fig.get_figheight(), 1, 1))
+    return save_figure(fig, path, dpi=dpi)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pseudohealthy.data.files import atomic_write
+from pseudohealthy.figures import save_figure
 
 __all__ = ["save_pr_curves", "save_roc_curves", "thin_curve"]
 
@@ -61,7 +61,7 @@ def _save(
         ax.set_title(title, fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    return save_figure(fig, path, dpi=dpi)
 
 
 def save_pr_curves(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pseudohealthy.data.files import atomic_write
+from pseudohealthy.figures import save_figure
+from pseudohealthy.figures.orientation import CONVENTION, EDGE_LABELS, axial_display
 
-__all__ = ["highest_scoring", "save_preview"]
+__all__ = ["CONVENTION_NOTE", "draw_edge_labels", "highest_scoring", "save_preview"]
 
 
 def highest_scoring(slice_scores: Mapping[int, float], n: int = 4) -> list[int]:
@@ -20,9 +22,37 @@ def highest_scoring(slice_scores: Mapping[int, float], n: int = 4) -> list[int]:
     return sorted(ranked[: max(1, n)])
 
 
-def _oriented(image: np.ndarray) -> np.ndarray:
-    """Canonical RAS+ axial slice -> radiological display (anterior up, patient right on the left)."""
-    return np.rot90(image)
+CONVENTION_NOTE = f"{CONVENTION} view: the patient's right (R) on the image's left, anterior (A) up"
+"""The line every axial PNG carries to state the display convention."""
+
+
+def draw_edge_labels(ax: Any, plane: str = "axial", *, fontsize: float = 8) -> list[Any]:
+    """Write the patient direction at the middle of each edge of ``ax`` (an image panel), from
+    :data:`~pseudohealthy.figures.orientation.EDGE_LABELS`; returns the Text artists."""
+    labels = EDGE_LABELS[plane]
+    places = {
+        "top": (0.5, 0.98, "center", "top"),
+        "bottom": (0.5, 0.02, "center", "bottom"),
+        "left": (0.02, 0.5, "left", "center"),
+        "right": (0.98, 0.5, "right", "center"),
+    }
+    texts = []
+    for edge, (x, y, ha, va) in places.items():
+        text = ax.text(
+            x,
+            y,
+            labels[edge],
+            transform=ax.transAxes,
+            ha=ha,
+            va=va,
+            fontsize=fontsize,
+            fontweight="bold",
+            color="yellow",
+            bbox={"boxstyle": "square,pad=0.1", "facecolor": "black", "edgecolor": "none", "alpha": 0.6},
+        )
+        text.set_gid(f"edge-label-{edge}")
+        texts.append(text)
+    return texts
 
 
 def save_preview(
@@ -33,13 +63,17 @@ def save_preview(
     slices: Sequence[int],
     *,
     lesion: np.ndarray | None = None,
+    uncertainty: np.ndarray | None = None,
     title: str = "",
     spacing: tuple[float, float] | None = None,
 ) -> Path:
-    """Rows = ``slices`` of canonical ``(X, Y, Z)`` volumes; columns = input, restoration, map.
+    """Rows = ``slices`` of canonical ``(X, Y, Z)`` volumes; columns = input, restoration, map and
+    (when given) ``uncertainty``, the members' disagreement.
 
-    ``lesion`` (optional, same shape) is outlined in every panel. ``spacing`` (x, y in mm) keeps
-    the physical aspect ratio. Returns the path written.
+    Slices are shown in the project's one convention (:mod:`pseudohealthy.figures.orientation`:
+    radiological, anterior up) with R/L/A/P at the edges of every panel and the convention
+    stated under the figure. ``lesion`` (optional, same shape) is outlined in every panel.
+    ``spacing`` (x, y in mm) keeps the physical aspect ratio. Returns the path written.
     """
     import matplotlib
 
@@ -52,32 +86,44 @@ def save_preview(
     inside = scan[..., slices]
     lo, hi = np.percentile(inside, [0.5, 99.5]) if inside.size else (0.0, 1.0)
     vmax_map = max(float(np.percentile(anomaly[..., slices], 99.9)), 1e-6)
-    aspect = 1.0 if spacing is None else spacing[0] / spacing[1]
-    cols = ("input", "pseudo-healthy", "anomaly map (1 - SSIM)")
-    fig, axes = plt.subplots(len(slices), 3, figsize=(9, 3 * len(slices)), squeeze=False)
-    for r, k in enumerate(slices):
-        for c, (image, kw) in enumerate(
+    # displayed rows run along y, columns along x: a pixel is spacing[1] high, spacing[0] wide
+    aspect = 1.0 if spacing is None else spacing[1] / spacing[0]
+    panels = [
+        ("input", scan, {"cmap": "gray", "vmin": lo, "vmax": hi}),
+        ("pseudo-healthy", pseudo_healthy, {"cmap": "gray", "vmin": lo, "vmax": hi}),
+        ("anomaly map (1 - SSIM)", anomaly, {"cmap": "inferno", "vmin": 0.0, "vmax": vmax_map}),
+    ]
+    if uncertainty is not None:
+        vmax_u = max(float(np.percentile(uncertainty[..., slices], 99.9)), 1e-6)
+        panels.append(
             (
-                (scan[..., k], {"cmap": "gray", "vmin": lo, "vmax": hi}),
-                (pseudo_healthy[..., k], {"cmap": "gray", "vmin": lo, "vmax": hi}),
-                (anomaly[..., k], {"cmap": "inferno", "vmin": 0.0, "vmax": vmax_map}),
+                f"uncertainty (member s.d., max {vmax_u:.3g})",
+                uncertainty,
+                {"cmap": "viridis", "vmin": 0.0, "vmax": vmax_u},
             )
-        ):
+        )
+    fig, axes = plt.subplots(
+        len(slices), len(panels), figsize=(3 * len(panels), 3 * len(slices) + 0.3), squeeze=False
+    )
+    for r, k in enumerate(slices):
+        for c, (label, volume, kw) in enumerate(panels):
             ax = axes[r, c]
-            ax.imshow(_oriented(image), aspect=aspect, interpolation="nearest", **kw)
+            ax.imshow(axial_display(volume[..., k]), aspect=aspect, interpolation="nearest", **kw)
             if lesion is not None and lesion[..., k].any():
-                ax.contour(_oriented(lesion[..., k] > 0), levels=[0.5], colors="cyan", linewidths=0.8)
+                ax.contour(axial_display(lesion[..., k] > 0), levels=[0.5], colors="cyan", linewidths=0.8)
+            draw_edge_labels(ax)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(cols[c], fontsize=10)
+                ax.set_title(label, fontsize=10)
             if c == 0:
                 ax.set_ylabel(f"slice {k}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.text(0.5, 0.005, CONVENTION_NOTE, ha="center", va="bottom", fontsize=8, color="0.3", gid="convention")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     try:
-        path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
+        path = save_figure(fig, path, dpi=90)
     finally:
         plt.close(fig)
     return path

@@ -2,11 +2,20 @@
 
 Loading never unpickles anything: weights come from safetensors, settings from JSON. Every
 problem raises :class:`~pseudohealthy.errors.CheckpointError` naming the file and the field.
+
+Loading is checked in an order that never allocates more than the files hold: the JSON settings
+against their bounds (:meth:`ModelConfig.validate`, :class:`Schedule`), then the safetensors
+header (tensor names, shapes and dtypes, read without the tensors) against the network those
+settings describe (built on the ``meta`` device, which allocates nothing), and the settings
+the weights were saved with (recorded in the header's metadata) against the JSON; only then are
+the tensors read, checked to be finite, and the network built.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -29,9 +39,11 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "INFO_FILE",
+    "PREDICTIONS",
     "WEIGHTS_FILE",
     "Ensemble",
     "Member",
+    "check_weights",
     "is_checkpoint_dir",
     "load_checkpoint",
     "read_info",
@@ -43,6 +55,17 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "pseudohealthy.json"
 RESERVED = ("format", "format_version", "package_version", "model", "schedule", "image_size")
+PREDICTIONS = ("epsilon",)  # what the network predicts (key ``prediction``, absent = "epsilon")
+UNKNOWN_MODALITY = "unknown"  # the trainer's default: a member that does not know its modality
+# weights formats that hold pickles: never loaded, only recognised to say so
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+# the header metadata that records the settings the weights were saved with
+META_MODEL, META_SCHEDULE = "pseudohealthy.model", "pseudohealthy.schedule"
+RUNTIME_SETTINGS = ("use_flash_attention",)  # model settings that may change after training
+
+MAX_INFO_BYTES = 16 * 2**20  # pseudohealthy.json is a few KB (its data lists grow with the scans)
+
+log = logging.getLogger(__name__)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -110,8 +133,9 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
     if weights_dtype is not None:
         state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    header = {"format": "pt", **_weights_record(info)}
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata=header))
     write_text(directory / INFO_FILE, text + "\n")
     return directory
 
@@ -137,12 +161,23 @@ def read_info(directory: str | Path) -> dict[str, Any]:
     path = _checkpoint_dir(directory) / INFO_FILE
     if not path.is_file():
         raise CheckpointError(path, "missing file: not a pseudohealthy checkpoint folder")
+    size = path.stat().st_size
+    if size > MAX_INFO_BYTES:
+        limit = f"{MAX_INFO_BYTES:,}"
+        raise CheckpointError(path, f"{size:,} bytes, too large for checkpoint settings (at most {limit})")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(path, f"invalid JSON ({exc})") from exc
     if not isinstance(info, dict):
         raise CheckpointError(path, "expected a JSON object")
+    _check_reserved(path, info)
+    _check_recorded(path, info)
+    return info
+
+
+def _check_reserved(path: Path, info: Mapping[str, Any]) -> None:
+    """The reserved keys: present, of this format, and settings within their bounds."""
     for key in RESERVED:
         if key not in info:
             raise CheckpointError(path, "missing field", field=key)
@@ -170,32 +205,162 @@ def read_info(directory: str | Path) -> dict[str, Any]:
     size = info["image_size"]
     if size != info["model"]["image_size"] or isinstance(size, bool):
         raise CheckpointError(path, f"{size!r} disagrees with model.image_size", field="image_size")
-    return info
 
 
-def _check_tensors(
-    path: Path, state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
-) -> None:
-    for name, ref in expected.items():
-        if name not in state:
+def _check_recorded(path: Path, info: Mapping[str, Any]) -> None:
+    """The trainer's keys that restoring relies on: prediction type, modality, slice size."""
+    prediction = info.get("prediction", PREDICTIONS[0])
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(
+            path,
+            f"unsupported prediction type {prediction!r} (this version restores only "
+            f"{', '.join(map(repr, PREDICTIONS))}-prediction models)",
+            field="prediction",
+        )
+    modality = info.get("modality")
+    if modality is not None and not isinstance(modality, str):
+        raise CheckpointError(path, f"must be a string, got {modality!r}", field="modality")
+    norm = info.get("normalisation")
+    size = norm.get("size") if isinstance(norm, Mapping) else None
+    if size is not None and size != info["image_size"]:
+        raise CheckpointError(
+            path,
+            f"{info['image_size']!r} disagrees with normalisation.size {size!r} (the slice size "
+            "the member was trained on)",
+            field="image_size",
+        )
+
+
+def _weights_record(info: Mapping[str, Any]) -> dict[str, str]:
+    """The settings the weights depend on, as the weights file's header metadata records them."""
+    model = {k: v for k, v in info["model"].items() if k not in RUNTIME_SETTINGS}
+    return {
+        META_MODEL: json.dumps(model, sort_keys=True),
+        META_SCHEDULE: json.dumps(info["schedule"], sort_keys=True),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """``{name: (shape, is floating point)}`` of the network ``config`` describes, built on the
+    ``meta`` device (no memory is allocated for its tensors)."""
+    with torch.device("meta"):
+        net = ConditionedUNet(config)
+    return {k: (tuple(v.shape), v.is_floating_point()) for k, v in net.state_dict().items()}
+
+
+def _read_header(weights: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    """``({name: (shape, dtype)}, metadata)`` from a safetensors header; the tensors are not read."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            tensors = {}
+            for name in handle.keys():  # a safetensors handle, not a dict
+                part = handle.get_slice(name)
+                tensors[name] = (tuple(part.get_shape()), str(part.get_dtype()))
+            return tensors, dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises SafetensorError / OSError on bad files
+        raise CheckpointError(weights, f"corrupt or truncated weights file ({exc})") from exc
+
+
+def _n_values(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+_Found = Mapping[str, tuple[tuple[int, ...], str]]  # name -> (shape, safetensors dtype)
+_Expected = Mapping[str, tuple[tuple[int, ...], bool]]  # name -> (shape, floating point)
+
+
+def _check_shapes(path: Path, found: _Found, expected: _Expected) -> None:
+    """Every tensor the settings need, of the right shape and kind, and no other."""
+    need = sum(_n_values(shape) for shape, _ in expected.values())
+    have = sum(_n_values(shape) for shape, _ in found.values())
+    counts = f"the weights hold {have:,} values, the model settings need {need:,}"
+    for name, (shape, floating) in expected.items():
+        if name not in found:
             raise CheckpointError(
-                path, "tensor missing (weights do not match the model settings)", field=name
+                path, f"tensor missing (weights do not match the model settings; {counts})", field=name
             )
-        if tuple(state[name].shape) != tuple(ref.shape):
+        got, dtype = found[name]
+        if got != shape:
             raise CheckpointError(
-                path,
-                f"tensor has shape {tuple(state[name].shape)} but the model settings need {tuple(ref.shape)}",
-                field=name,
+                path, f"tensor has shape {got} but the model settings need {shape} ({counts})", field=name
             )
-        if state[name].is_floating_point() != ref.is_floating_point():
-            raise CheckpointError(
-                path, f"tensor has dtype {state[name].dtype}, expected {ref.dtype}", field=name
-            )
-    extra = sorted(set(state) - set(expected))
+        if dtype.startswith(("F", "BF")) != floating:
+            kind = "floating-point" if floating else "integer"
+            raise CheckpointError(path, f"tensor has dtype {dtype}, expected {kind}", field=name)
+    extra = sorted(set(found) - set(expected))
     if extra:
         raise CheckpointError(
             path, "unexpected tensor (weights do not match the model settings)", field=extra[0]
         )
+
+
+def _check_record(folder: Path, info: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """The JSON's settings against those the weights were saved with (when the header has them)."""
+    ours = _weights_record(info)
+    for key, section in ((META_MODEL, "model"), (META_SCHEDULE, "schedule")):
+        if key not in metadata:
+            continue  # written before the record existed (the shapes were checked)
+        try:
+            saved = json.loads(metadata[key])
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(folder / WEIGHTS_FILE, f"invalid header metadata {key!r}") from exc
+        now = json.loads(ours[key])
+        if not isinstance(saved, dict):
+            raise CheckpointError(folder / WEIGHTS_FILE, f"invalid header metadata {key!r}")
+        for name in sorted(set(saved) | set(now)):
+            if saved.get(name) != now.get(name):
+                where = "image_size" if (section, name) == ("model", "image_size") else f"{section}.{name}"
+                raise CheckpointError(
+                    folder / INFO_FILE,
+                    f"{now.get(name)!r} disagrees with the weights, saved with {saved.get(name)!r}",
+                    field=where,
+                )
+
+
+def _weights_file(folder: Path) -> Path:
+    """``folder/model.safetensors``; a folder with only pickled weights is told they are not read."""
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            weights,
+            f"missing file: found {pickles[0]}, but only safetensors weights are read "
+            "(pickled PyTorch files are never loaded)",
+        )
+    raise CheckpointError(weights, "missing file: the checkpoint has no weights")
+
+
+def check_weights(directory: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+    """Check a checkpoint's weights file against its settings without reading the tensors.
+
+    The safetensors header must list exactly the tensors of the network ``pseudohealthy.json``
+    describes, with their shapes (so their count), and agree with the settings recorded when
+    the weights were saved (image size, schedule, every setting the weights depend on). Reads
+    ``info`` from the folder when not given; returns the weights file.
+    """
+    folder = _checkpoint_dir(directory)
+    info = read_info(folder) if info is None else info
+    weights = _weights_file(folder)
+    tensors, metadata = _read_header(weights)
+    _check_record(folder, info, metadata)
+    _check_shapes(weights, tensors, _expected_tensors(ModelConfig.from_dict(info["model"])))
+    return weights
+
+
+def _check_finite(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights with a NaN or infinite value, naming the first such tensor (by name)."""
+    for name in sorted(state):
+        tensor = state[name]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                path,
+                f"the weights hold non-finite values ({bad:,} of {tensor.numel():,} are NaN or infinite)",
+                field=name,
+            )
 
 
 def load_checkpoint(
@@ -203,20 +368,20 @@ def load_checkpoint(
 ) -> tuple[ConditionedUNet, dict]:
     """Load a checkpoint folder: ``(model in eval mode on device, info dict)``.
 
-    ``info`` is the JSON content plus ``"path"`` (the folder, as a string).
+    ``info`` is the JSON content plus ``"path"`` (the folder, as a string). The settings, then
+    the weights' header (:func:`check_weights`) are checked before any tensor is read; weights
+    with a NaN or infinite value are refused.
     """
     folder = _checkpoint_dir(directory)
     info = read_info(folder)
     config = ModelConfig.from_dict(info["model"])
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(weights, "missing file: the checkpoint has no weights")
+    weights = check_weights(folder, info)
     try:
         state = load_file(weights, device="cpu")
     except Exception as exc:  # safetensors raises SafetensorError / OSError on bad files
         raise CheckpointError(weights, f"corrupt or truncated weights file ({exc})") from exc
+    _check_finite(weights, state)
     model = ConditionedUNet(config)
-    _check_tensors(weights, state, model.state_dict())
     model.load_state_dict(state, strict=True)
     model.to(resolve_device(device)).eval()
     info = dict(info)
@@ -246,8 +411,12 @@ class Member:
 
     @classmethod
     def from_dir(cls, path: str | Path, name: str | None = None) -> Member:
+        """The member in ``path``: its settings and its weights' header are checked now
+        (:func:`read_info`, :func:`check_weights`), the tensors are read on first use."""
         folder = _checkpoint_dir(path)
-        return cls(folder, name or folder.resolve().name, read_info(folder))
+        info = read_info(folder)
+        check_weights(folder, info)
+        return cls(folder, name or folder.resolve().name, info)
 
     @property
     def config(self) -> ModelConfig:
@@ -264,6 +433,19 @@ class Member:
     @property
     def conditioned(self) -> bool:
         return bool(self.info["model"]["conditioned"])
+
+    @property
+    def prediction(self) -> str:
+        """What the network predicts (``prediction``; absent = "epsilon")."""
+        return str(self.info.get("prediction", PREDICTIONS[0]))
+
+    @property
+    def modality(self) -> str | None:
+        """The recorded modality (e.g. "FLAIR"); None when absent or the trainer's "unknown"."""
+        value = self.info.get("modality")
+        if not isinstance(value, str) or value.strip().lower() in ("", UNKNOWN_MODALITY):
+            return None
+        return value.strip()
 
     def model(self, device: str | torch.device = "cpu") -> nn.Module:
         """The network on ``device`` (loaded once per device, then cached)."""
@@ -304,9 +486,54 @@ class Member:
         }
 
 
+# what members of one ensemble must share: (field named in the error, value of a member)
+_MUST_AGREE: tuple[tuple[str, Any], ...] = (
+    ("image_size", lambda m: m.image_size),
+    ("model.conditioned", lambda m: m.conditioned),
+    ("model.image_channels", lambda m: m.info["model"]["image_channels"]),
+    ("prediction", lambda m: m.prediction),
+    ("schedule", lambda m: m.info["schedule"]),
+)
+
+
+def _looks_like_member(folder: Path) -> bool:
+    """Whether a sub-folder of an ensemble folder holds a checkpoint, finished or not: its
+    ``pseudohealthy.json``, or a weights file (safetensors or pickle) in it or one level down
+    (a member still training has its state in ``train_state/``)."""
+    suffixes = (".safetensors", *PICKLE_SUFFIXES)
+    if is_checkpoint_dir(folder):
+        return True
+    for entry in folder.iterdir():
+        if entry.is_file() and entry.suffix.lower() in suffixes:
+            return True
+        if entry.is_dir() and any(p.is_file() and p.suffix.lower() in suffixes for p in entry.iterdir()):
+            return True
+    return False
+
+
+def _not_a_member(folder: Path, what: str = "a valid member") -> CheckpointError:
+    """The error for a folder that holds checkpoint files but is not a valid member."""
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles and not (folder / WEIGHTS_FILE).is_file():
+        problem = (
+            f"it holds {pickles[0]}, but only safetensors weights with a {INFO_FILE} are read "
+            "(pickled PyTorch files are never loaded); move it out of the ensemble folder"
+        )
+    elif (folder / WEIGHTS_FILE).is_file():
+        problem = f"it has {WEIGHTS_FILE} but no {INFO_FILE}; move it out of the ensemble folder"
+    else:
+        problem = (
+            f"no {INFO_FILE} (is its training unfinished? finish it with train --resume, "
+            "or move it out of the ensemble folder)"
+        )
+    return CheckpointError(folder, f"not {what}: {problem}")
+
+
 class Ensemble:
     """Checkpoints used together (their anomaly maps are averaged); all must agree on the
-    image size, conditioning, image channels and noise schedule."""
+    image size, conditioning, image channels, prediction type, noise schedule and (where
+    recorded) modality. A disagreement is a :class:`CheckpointError` naming the member and the
+    field."""
 
     def __init__(self, members: Sequence[Member], path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
@@ -316,33 +543,62 @@ class Ensemble:
             raise CheckpointError(where, "the ensemble has no members")
         ref = self.members[0]
         for m in self.members[1:]:
-            for what, get in (
-                ("image_size", lambda x: x.image_size),
-                ("model.conditioned", lambda x: x.conditioned),
-                ("model.image_channels", lambda x: x.info["model"]["image_channels"]),
-                ("schedule", lambda x: x.info["schedule"]),
-            ):
+            for what, get in _MUST_AGREE:
                 if get(m) != get(ref):
                     raise CheckpointError(
                         m.path / INFO_FILE,
                         f"member '{m.name}' has {get(m)!r} but member '{ref.name}' has {get(ref)!r}",
                         field=what,
                     )
+        self._check_modality()
+
+    def _check_modality(self) -> None:
+        """Members that record a modality must record the same one (case aside); a member
+        without one (absent, or the trainer's "unknown") is not compared."""
+        known = [m for m in self.members if m.modality is not None]
+        for m in known[1:]:
+            if m.modality.lower() != known[0].modality.lower():  # type: ignore[union-attr]
+                raise CheckpointError(
+                    m.path / INFO_FILE,
+                    f"member '{m.name}' was trained on {m.modality!r} but member '{known[0].name}' "
+                    f"on {known[0].modality!r}",
+                    field="modality",
+                )
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Ensemble:
-        """A folder of member folders (each with ``pseudohealthy.json``) or one member folder."""
+        """One member folder (holding ``pseudohealthy.json``), or a folder of member folders.
+
+        In a folder of members, every sub-folder that holds a checkpoint, finished or not (its
+        ``pseudohealthy.json``, or a weights file, safetensors or pickled, in it or one level
+        down, such as an unfinished training's ``train_state/``), is a member and must be a
+        valid one: a :class:`CheckpointError` names the first that is not (no JSON, weights
+        only as a ``.pt``, bad settings or weights), it is never skipped. Sub-folders whose
+        names start with ``.`` or ``_`` (hidden, temporary) and sub-folders with no checkpoint
+        files at all (logs, figures) are not members. Members are taken in name order.
+        """
         folder = _checkpoint_dir(path)
         if is_checkpoint_dir(folder):
             return cls([Member.from_dir(folder)], folder)
+        if (folder / WEIGHTS_FILE).is_file() or any(
+            p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES for p in folder.iterdir()
+        ):
+            raise _not_a_member(folder, "a member or ensemble folder")
         subdirs = sorted(
-            (p for p in folder.iterdir() if p.is_dir() and is_checkpoint_dir(p)), key=lambda p: p.name
+            (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))),
+            key=lambda p: p.name,
         )
-        if not subdirs:
+        members = [p for p in subdirs if _looks_like_member(p)]
+        if not members:
             raise CheckpointError(
                 folder, f"no checkpoints found: neither it nor a sub-folder has {INFO_FILE}"
             )
-        return cls([Member.from_dir(p, p.name) for p in subdirs], folder)
+        for p in members:
+            if not is_checkpoint_dir(p):
+                raise _not_a_member(p)
+        others = [p.name for p in subdirs if p not in members]
+        log.debug("%s: sub-folders without checkpoint files (not members): %s", folder, others)
+        return cls([Member.from_dir(p, p.name) for p in members], folder)
 
     @property
     def names(self) -> list[str]:

@@ -15,9 +15,10 @@ from torch import nn
 
 from pseudohealthy.model.network import ConfigError
 
-__all__ = ["Schedule", "from_model_range", "to_model_range", "training_loss"]
+__all__ = ["MAX_T", "SCHEDULE_KINDS", "Schedule", "from_model_range", "to_model_range", "training_loss"]
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
+MAX_T = 10_000  # diffusion steps; the reference uses 1000 (a checkpoint's T is checked before use)
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -36,17 +37,20 @@ class Schedule:
     """The forward process: ``T`` betas (``kind`` "linear" = linear in beta, as the reference).
 
     ``betas``, ``alphas`` and ``alphas_cumprod`` are float32 tensors computed in float64;
-    ``abar(t)`` gives the float64 value of one step as a Python float.
+    ``abar(t)`` gives the float64 value of one step as a Python float. The settings are checked
+    (``T`` in 1..``MAX_T``, ``0 < beta_start <= beta_end < 1``) before anything is computed.
     """
 
     def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, kind: str = "linear"):
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ConfigError(f"must be a positive integer, got {T!r}", "T")
-        if kind not in SCHEDULE_KINDS:
+        if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= MAX_T:
+            raise ConfigError(f"must be an integer in 1..{MAX_T}, got {T!r}", "T")
+        if not isinstance(kind, str) or kind not in SCHEDULE_KINDS:
             raise ConfigError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}", "kind")
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
             if isinstance(value, bool) or not isinstance(value, float | int) or not 0 < value < 1:
                 raise ConfigError(f"must be a number in (0, 1), got {value!r}", name)
+        if beta_start > beta_end:
+            raise ConfigError(f"must not exceed beta_end ({beta_end!r}), got {beta_start!r}", "beta_start")
         self.T, self.beta_start, self.beta_end, self.kind = T, float(beta_start), float(beta_end), kind
         if kind == "linear":
             betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)

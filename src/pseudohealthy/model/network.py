@@ -16,19 +16,26 @@ self-attention over 16,384 tokens at 128x128.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import get_up_block
 from torch import nn
 
+from pseudohealthy.data.preprocess import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from pseudohealthy.errors import PseudohealthyError
 
 __all__ = [
+    "MAX_CHANNELS",
+    "MAX_IMAGE_CHANNELS",
+    "MAX_LEVELS",
+    "MAX_RES_BLOCKS",
     "PRESETS",
     "ConditionedUNet",
     "ConfigError",
@@ -37,6 +44,15 @@ __all__ = [
     "count_parameters",
     "get_preset",
 ]
+
+
+# Sane bounds of every size setting, so that an edited configuration is refused before anything
+# is allocated (the checkpoint loader validates a member's settings through ModelConfig). The
+# image size bounds are the model frame's (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE of data.preprocess).
+MAX_LEVELS = 8  # resolution levels (entries of ``channels``)
+MAX_CHANNELS = 2048  # feature channels of one level; also bounds head channels and norm groups
+MAX_RES_BLOCKS = 8
+MAX_IMAGE_CHANNELS = 16
 
 
 class ConfigError(PseudohealthyError, ValueError):
@@ -74,12 +90,15 @@ class ModelConfig:
     use_flash_attention: bool = True
 
     def __post_init__(self) -> None:
-        # normalise sequences (JSON gives lists) so configs compare and hash consistently
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+        # normalise sequences (JSON gives lists) so configs compare and hash consistently; the
+        # entries must already be integers / true-false ("false" is not read as True)
+        object.__setattr__(self, "channels", _int_tuple(self.channels, "channels"))
+        object.__setattr__(self, "attention_levels", _bool_tuple(self.attention_levels, "attention_levels"))
         if self.decoder_attention_levels is not None:
             object.__setattr__(
-                self, "decoder_attention_levels", tuple(bool(a) for a in self.decoder_attention_levels)
+                self,
+                "decoder_attention_levels",
+                _bool_tuple(self.decoder_attention_levels, "decoder_attention_levels"),
             )
         self.validate()
 
@@ -94,17 +113,22 @@ class ModelConfig:
         return self.decoder_attention_levels or self.attention_levels
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first inconsistent setting."""
-        for name in (
-            "image_size",
-            "num_res_blocks",
-            "num_head_channels",
-            "norm_num_groups",
-            "image_channels",
+        """Raise :class:`ConfigError` naming the first inconsistent or out-of-bounds setting.
+
+        Every size is bounded (``MIN_IMAGE_SIZE``..``MAX_IMAGE_SIZE``, at most ``MAX_LEVELS``
+        levels of at most ``MAX_CHANNELS`` channels, ``MAX_RES_BLOCKS``, ``MAX_IMAGE_CHANNELS``),
+        so that a validated config never asks for an absurd network.
+        """
+        for name, low, high in (
+            ("image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
+            ("num_res_blocks", 1, MAX_RES_BLOCKS),
+            ("num_head_channels", 1, MAX_CHANNELS),
+            ("norm_num_groups", 1, MAX_CHANNELS),
+            ("image_channels", 1, MAX_IMAGE_CHANNELS),
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"must be a positive integer, got {value!r}", name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"must be an integer in {low}..{high}, got {value!r}", name)
         for name in (
             "conditioned",
             "resblock_updown",
@@ -115,9 +139,10 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"must be true or false, got {getattr(self, name)!r}", name)
         levels = len(self.channels)
-        if levels < 1 or any(c < 1 for c in self.channels):
+        if not 1 <= levels <= MAX_LEVELS or any(not 1 <= c <= MAX_CHANNELS for c in self.channels):
+            shown = self.channels if levels <= MAX_LEVELS else f"{levels} levels"
             raise ConfigError(
-                f"must be a non-empty list of positive integers, got {self.channels}", "channels"
+                f"must be 1..{MAX_LEVELS} integers in 1..{MAX_CHANNELS}, got {shown}", "channels"
             )
         if len(self.attention_levels) != levels:
             raise ConfigError(f"needs one entry per level ({levels})", "attention_levels")
@@ -133,8 +158,9 @@ class ModelConfig:
                 )
         if self.image_size % 2 ** (levels - 1):
             raise ConfigError(f"must be divisible by {2 ** (levels - 1)} for {levels} levels", "image_size")
-        if not isinstance(self.norm_eps, float | int) or self.norm_eps <= 0:
-            raise ConfigError(f"must be a positive number, got {self.norm_eps!r}", "norm_eps")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, float | int) or not 0 < eps <= 1:
+            raise ConfigError(f"must be a number in (0, 1], got {eps!r}", "norm_eps")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every setting (tuples as lists)."""
@@ -175,6 +201,29 @@ class ModelConfig:
         if unknown:
             raise ConfigError("unknown setting", unknown[0])
         return dataclasses.replace(self, **overrides)
+
+
+def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
+    """``value`` (a list or tuple of integers) as a tuple; anything else is a ConfigError."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence | np.ndarray):
+        raise ConfigError(f"must be a list of integers, got {value!r}", name)
+    if len(value) > MAX_LEVELS:
+        raise ConfigError(f"must have at most {MAX_LEVELS} entries, got {len(value)}", name)
+    if any(isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) for v in value):
+        raise ConfigError(f"must be a list of integers, got {list(value)!r}", name)
+    return tuple(int(v) for v in value)
+
+
+def _bool_tuple(value: Any, name: str) -> tuple[bool, ...]:
+    """``value`` (a list or tuple of true/false) as a tuple; strings such as "false" are refused."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence | np.ndarray):
+        raise ConfigError(f"must be a list of true/false, got {value!r}", name)
+    if len(value) > MAX_LEVELS:
+        raise ConfigError(f"must have at most {MAX_LEVELS} entries, got {len(value)}", name)
+    bad = [v for v in value if not isinstance(v, bool | np.bool_)]
+    if bad:
+        raise ConfigError(f"entries must be true or false, got {bad[0]!r}", name)
+    return tuple(bool(v) for v in value)
 
 
 _PAPER = ModelConfig()

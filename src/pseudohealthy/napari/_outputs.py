@@ -1,13 +1,15 @@
-"""The three output layers of a restoration and the metadata they carry.
+"""The output layers of a restoration and the metadata they carry.
 
-"<name> pseudo-healthy" (grey), "<name> anomaly map" (magma, additive, over the scan) and
-"<name> lesion mask" (Labels) share the source layer's data shape and geometry. Their metadata
+"<name> pseudo-healthy" (grey, NaN = transparent where nothing is restored, so unrestored slices
+show the scan), "<name> anomaly map" (magma, additive, over the scan), "<name> predicted lesions"
+(Labels) and "<name> uncertainty" (the members' disagreement, additive, hidden until asked for)
+share the source layer's data shape and geometry. Their metadata
 keeps the source's NIfTI metadata (so the writer saves them in the source's geometry) plus a
 ``"pseudohealthy"`` record: the run's :meth:`RunRecord.to_dict() <pseudohealthy.engine.record.
 RunRecord.to_dict>` (ensemble, members, settings, device, restored slices with their scores,
 seeds and timings, volume score) plus only the viewer's own keys (:data:`VIEWER_KEYS`: role,
 source layer, run status, requested slices, the threshold suggested by the ensemble's
-validation and, on the mask, its threshold).
+validation and, on the mask, its threshold and the rule that chose it).
 """
 
 from __future__ import annotations
@@ -25,16 +27,32 @@ if TYPE_CHECKING:
     from napari.layers import Image, Labels, Layer
 
 KEY = "pseudohealthy"
-ROLES = ("pseudo", "anomaly", "mask")
-SUFFIXES = {"pseudo": "pseudo-healthy", "anomaly": "anomaly map", "mask": "lesion mask"}
-DEFAULT_THRESHOLD = 0.25
-VIEWER_KEYS = ("role", "source_layer", "status", "requested_slices", "ensemble_threshold", "threshold")
+ROLES = ("pseudo", "anomaly", "mask", "uncertainty")
+SUFFIXES = {
+    "pseudo": "pseudo-healthy",
+    "anomaly": "anomaly map",
+    "mask": "predicted lesions",
+    "uncertainty": "uncertainty",
+}
+GROUND_TRUTH = "ground truth"
+#: the slider's start before any rule applies (nothing restored, no validation threshold)
+DEFAULT_THRESHOLD = 0.5
+VIEWER_KEYS = (
+    "role",
+    "source_layer",
+    "status",
+    "requested_slices",
+    "ensemble_threshold",
+    "threshold",
+    "threshold_rule",
+)
 """Keys of a layer record that belong to the viewer, not to the run (:class:`RunRecord`)."""
 _INHERITED = (NIFTI_KEY, "source_path", "source_affine", "nifti_header")
 
 
 def output_name(source_name: str, role: str) -> str:
-    """``"<name> pseudo-healthy"``, ``"<name> anomaly map"`` or ``"<name> lesion mask"``."""
+    """``"<name> pseudo-healthy"``, ``"<name> anomaly map"``, ``"<name> predicted lesions"`` or
+    ``"<name> uncertainty"``."""
     return f"{source_name} {SUFFIXES[role]}"
 
 
@@ -43,9 +61,10 @@ class OutputLayers:
     pseudo: Image
     anomaly: Image
     mask: Labels
+    uncertainty: Image
 
-    def all(self) -> tuple[Layer, Layer, Layer]:
-        return (self.pseudo, self.anomaly, self.mask)
+    def all(self) -> tuple[Layer, Layer, Layer, Layer]:
+        return (self.pseudo, self.anomaly, self.mask, self.uncertainty)
 
 
 def record(layer: Layer) -> dict[str, Any]:
@@ -86,7 +105,7 @@ def find_output(viewer: napari.Viewer, source_name: str, role: str) -> Layer | N
 def ensure_outputs(
     viewer: napari.Viewer, source: Image, contrast: tuple[float, float], *, keep: bool = False
 ) -> OutputLayers:
-    """Reuse or add the three output layers of ``source``.
+    """Reuse or add the output layers of ``source`` (just above it in the layer list).
 
     Existing layers keep their data (and records) when ``keep`` is true and their shape still
     fits; otherwise they are cleared.
@@ -97,28 +116,60 @@ def ensure_outputs(
     made = {}
     for role in ROLES:
         layer = find_output(viewer, source.name, role)
-        dtype = np.uint8 if role == "mask" else np.float32
         if layer is not None and tuple(np.shape(layer.data)) != shape:
             viewer.layers.remove(layer)
             layer = None
         meta = {**base_meta, KEY: {"role": role, "source_layer": source.name}}
         if layer is None:
-            data = np.zeros(shape, dtype=dtype)
-            layer = _add(viewer, role, output_name(source.name, role), data, meta, geometry, contrast)
+            name = output_name(source.name, role)
+            layer = _add(viewer, role, name, empty(role, shape), meta, geometry, contrast)
         elif keep:
             meta[KEY] = {**record(layer), **meta[KEY]}
             for key, value in geometry.items():
                 setattr(layer, key, value)
             layer.metadata = meta
         else:
-            layer.data = np.zeros(shape, dtype=dtype)
+            layer.data = empty(role, shape)
             for key, value in geometry.items():
                 setattr(layer, key, value)
             layer.metadata = meta
             if role == "pseudo":
                 layer.contrast_limits = contrast
         made[role] = layer
-    return OutputLayers(made["pseudo"], made["anomaly"], made["mask"])
+    _stack_above(viewer, source, [made[r] for r in ROLES])
+    return OutputLayers(made["pseudo"], made["anomaly"], made["mask"], made["uncertainty"])
+
+
+def empty(role: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An output before any slice is restored: NaN (transparent) for the pseudo-healthy image, so
+    that the scan shows through, 0 for the others (additive maps and labels draw nothing at 0)."""
+    if role == "mask":
+        return np.zeros(shape, dtype=np.uint8)
+    return np.full(shape, np.nan if role == "pseudo" else 0.0, dtype=np.float32)
+
+
+def _stack_above(viewer: napari.Viewer, source: Layer, outputs: list[Layer]) -> None:
+    """Outputs right above the source in drawing order; a ground-truth layer goes on top of them."""
+    layers = viewer.layers
+    target = layers.index(source) + 1
+    for layer in outputs:
+        index = layers.index(layer)
+        if index != target:
+            layers.move(index, target)
+        target = layers.index(layer) + 1
+    truth = ground_truth_layer(viewer, source.name)
+    if truth is not None and layers.index(truth) < layers.index(outputs[-1]):
+        layers.move(layers.index(truth), len(layers))
+
+
+def ground_truth_name(source_name: str) -> str:
+    """``"<name> ground truth"``: the lesion mask opened with a scan."""
+    return f"{source_name} {GROUND_TRUTH}"
+
+
+def ground_truth_layer(viewer: napari.Viewer, source_name: str) -> Layer | None:
+    name = ground_truth_name(source_name)
+    return viewer.layers[name] if name in viewer.layers else None
 
 
 def _add(
@@ -133,6 +184,18 @@ def _add(
     if role == "mask":
         layer = viewer.add_labels(data, name=name, metadata=meta, opacity=0.5, **geometry)
         return layer
+    if role == "uncertainty":
+        return viewer.add_image(
+            data,
+            name=name,
+            metadata=meta,
+            colormap="cyan",
+            blending="additive",
+            opacity=0.8,
+            contrast_limits=(0.0, 0.25),
+            visible=False,
+            **geometry,
+        )
     if role == "pseudo":
         return viewer.add_image(
             data, name=name, metadata=meta, colormap="gray", contrast_limits=contrast, **geometry
@@ -158,19 +221,72 @@ def threshold_mask(anomaly: np.ndarray, threshold: float, out: np.ndarray | None
     return out
 
 
-def suggest_threshold(anomaly_canonical: np.ndarray, slices: list[int], scores: list[float]) -> float | None:
-    """The 99th percentile of the map inside the foreground of the calmest restored slices.
+RULES = {
+    "validation": "ensemble validation",
+    "calm": "99th percentile, calm slices",
+    "otsu": "Otsu, restored slices",
+    "default": "default",
+}
+"""How a threshold was chosen (the key is recorded on the mask, the text shown in the widget)."""
 
-    "Calm" slices are those whose score is at most the median score of the restored slices:
-    mostly healthy tissue, so their upper tail estimates the healthy range of the map.
-    Returns None before any slice is restored.
+
+def calm_slices(slices: list[int], scores: list[float]) -> list[int]:
+    """Restored slices whose score is clearly below the others': at most half the highest score,
+    and only when some slice scores above that (else every slice looks alike and none is calm)."""
+    if len(slices) < 2:
+        return []
+    arr = np.asarray(scores, dtype=float)
+    top = float(arr.max())
+    if top <= 0:
+        return []
+    calm = [k for k, s in zip(slices, arr, strict=True) if s <= 0.5 * top]
+    return calm if len(calm) < len(slices) else []
+
+
+def otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (the cut maximising the between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(hist).astype(float)
+    total = weight[-1]
+    mean = np.cumsum(hist * centres)
+    w0, w1 = weight[:-1], total - weight[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m0 = mean[:-1] / w0
+        m1 = (mean[-1] - mean[:-1]) / w1
+        between = w0 * w1 * (m0 - m1) ** 2
+    between = np.nan_to_num(between, nan=-1.0)
+    return float(edges[1:-1][int(np.argmax(between))])
+
+
+def suggest_threshold(
+    anomaly_canonical: np.ndarray,
+    slices: list[int],
+    scores: list[float],
+    validation: float | None = None,
+) -> tuple[float | None, str]:
+    """The suggested threshold and its rule (a key of :data:`RULES`).
+
+    1. ``validation``: the mean of the members' recorded best-Dice thresholds, when given;
+    2. ``calm``: the 99th percentile of the map inside the foreground of the calm restored slices
+       (:func:`calm_slices`; mostly healthy tissue, so their upper tail is the healthy range);
+    3. ``otsu``: with no calm slice (every restored slice looks alike, e.g. all hold lesion),
+       Otsu's threshold on the map inside the foreground of the restored slices, which adapts
+       to the map's range.
+    Returns ``(None, "default")`` before any slice is restored.
     """
+    if validation is not None:
+        return float(validation), "validation"
     if not slices:
-        return None
-    scores_arr = np.asarray(scores, dtype=float)
-    calm = [k for k, s in zip(slices, scores_arr, strict=True) if s <= np.median(scores_arr)]
-    values = anomaly_canonical[:, :, calm]
+        return None, "default"
+    calm = calm_slices(slices, scores)
+    if calm:
+        values = anomaly_canonical[:, :, calm]
+        values = values[values > 0]
+        if values.size:
+            return float(np.percentile(values, 99)), "calm"
+    values = anomaly_canonical[:, :, sorted(slices)]
     values = values[values > 0]
-    if values.size == 0:
-        return None
-    return float(np.percentile(values, 99))
+    if values.size < 2 or float(values.min()) == float(values.max()):
+        return None, "default"
+    return otsu(values), "otsu"

@@ -7,6 +7,11 @@ scans) is left to the affine, and permuted files (e.g. PSR) display without napa
 slice through a permutation. Images are validated by ``load_scan``; label-like files (integer
 values, few of them, or a name with mask/seg/label) open as Labels. Layer metadata holds the
 NIfTI header as plain values, the source path, the source (stored) affine and the layer affine.
+
+A folder holding one DICOM series opens the same way (read by ``load_scan``: SimpleITK's series
+reader, slices sorted by position, the oblique direction kept), with its series UID and
+description in the metadata (``dicom``); the header is the NIfTI header built for the series'
+grid, so that the writer saves layers as NIfTI in the series' geometry.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pseudohealthy.data.io import is_nifti_name, load_scan, scan_name, to_canonical
+from pseudohealthy.data.io import is_dicom_folder, is_nifti_name, load_scan, scan_name, to_canonical
 from pseudohealthy.napari._layers import NIFTI_KEY, RAS_LABELS
 
 LABEL_NAME = re.compile(r"(mask|seg|label|lesion|roi|annot)", re.IGNORECASE)
@@ -31,15 +36,16 @@ LayerData = tuple[np.ndarray, dict[str, Any], str]
 
 
 def napari_get_reader(path: str | Sequence[str]) -> Callable[[str | Sequence[str]], list[LayerData]] | None:
-    """Return :func:`read_nifti` when every path is a NIfTI file name, else None."""
+    """Return :func:`read_nifti` when every path is a NIfTI file name or a folder holding a DICOM
+    series, else None."""
     paths = [path] if isinstance(path, str | Path) else list(path)
-    if not paths or not all(is_nifti_name(p) for p in paths):
+    if not paths or not all(is_nifti_name(p) or is_dicom_folder(p) for p in paths):
         return None
     return read_nifti
 
 
 def read_nifti(path: str | Sequence[str]) -> list[LayerData]:
-    """Read one or more NIfTI files into napari layer data tuples."""
+    """Read one or more NIfTI files (or DICOM series folders) into napari layer data tuples."""
     paths = [path] if isinstance(path, str | Path) else list(path)
     return [read_one(p) for p in paths]
 
@@ -58,15 +64,17 @@ def header_dict(header: nib.Nifti1Header) -> dict[str, Any]:
 
 
 def read_one(path: str | Path) -> LayerData:
-    """One NIfTI file -> (data in stored order, layer kwargs, "image" | "labels")."""
+    """One NIfTI file -> (canonical data, layer kwargs, "image" | "labels"); a DICOM series
+    folder -> an image layer."""
     path = Path(path)
-    labels = _read_labels(path)
+    labels = None if is_dicom_folder(path) else _read_labels(path)
     if labels is not None:
         raw, img = labels
         source_affine = np.array(img.affine, dtype=float)
         data, affine = to_canonical(raw, source_affine)
         header = img.header
         kind = "labels"
+        name = scan_name(path)
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -76,14 +84,17 @@ def read_one(path: str | Path) -> LayerData:
         data, affine, source_affine = volume.data, volume.affine, volume.source_affine
         header = volume.header
         kind = "image"
+        name = volume.name
     meta = {
         NIFTI_KEY: affine.tolist(),
         "source_path": str(path.resolve()),
         "source_affine": source_affine.tolist(),
         "nifti_header": header_dict(header),
     }
+    if is_dicom_folder(path):
+        meta["dicom"] = _dicom_meta(header, path)
     kwargs: dict[str, Any] = {
-        "name": scan_name(path),
+        "name": name,
         "affine": affine,
         "metadata": meta,
         "units": ("mm",) * 3,
@@ -93,6 +104,12 @@ def read_one(path: str | Path) -> LayerData:
         lo, hi = np.percentile(data, [0.5, 99.5]) if data.size else (0.0, 1.0)
         kwargs.update(colormap="gray", contrast_limits=(float(lo), float(max(hi, lo + 1e-6))))
     return data, kwargs, kind
+
+
+def _dicom_meta(header: nib.Nifti1Header, path: Path) -> dict[str, Any]:
+    """What the layer records of a DICOM source: the folder and the series description."""
+    descrip = np.asarray(header["descrip"]).tobytes().rstrip(b"\x00").decode("latin-1")
+    return {"folder": str(path.resolve()), "series_description": descrip}
 
 
 def _read_labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Image] | None:

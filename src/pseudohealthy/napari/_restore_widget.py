@@ -3,8 +3,10 @@
 No model logic lives here: the widget keeps the loaded :class:`~pseudohealthy.model.checkpoint.
 Ensemble` (its members cache their networks, so weights are read once per folder and device),
 turns its controls into a :class:`RestoreSettings`, runs :func:`pseudohealthy.engine.restore.
-restore_iter` in a ``thread_worker`` generator and writes every finished slice into the three
-output layers on the GUI thread, growing the run's :class:`~pseudohealthy.engine.record.RunRecord`.
+restore_iter` in a ``thread_worker`` generator and writes every finished slice into the output
+layers on the GUI thread, growing the run's :class:`~pseudohealthy.engine.record.RunRecord`. The
+display row (window/level presets shared by the scan and the pseudo-healthy image, side by side)
+works through :mod:`pseudohealthy.napari._display`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from pseudohealthy.data.sample import demo_ensemble_path
+from pseudohealthy.data.sample import demo_ensemble_path, resolve_ensemble
 from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.errors import PseudohealthyError
+from pseudohealthy.napari._display import (
+    WINDOWS,
+    EdgeLabels,
+    SideBySide,
+    apply_window,
+    link_contrast,
+    window_presets,
+)
 from pseudohealthy.napari._layers import (
     Frame,
     canonical_view,
@@ -52,10 +62,12 @@ from pseudohealthy.napari._outputs import (
     OutputLayers,
     ensure_outputs,
     find_output,
+    output_name,
     record,
     run_record,
     set_record,
     set_run_record,
+    suggest_threshold,
     threshold_mask,
 )
 from pseudohealthy.napari._settings import SAMPLERS, WidgetSettings, load_settings, save_settings
@@ -167,7 +179,9 @@ class RestoreWidget(QWidget):
         self._stop = threading.Event()
         self._run: ActiveRun | None = None
         self.ensemble: Ensemble | None = None  # the listed ensemble, loaded once per folder
-        self._ensemble_path = ""
+        self._ensemble_path = ""  # the listed folder (resolved); the field may show a short name
+        self.side_by_side = SideBySide(self.viewer)
+        self.edge_labels = EdgeLabels(self.viewer)
         self._build()
         self._apply_settings()
         events = self.viewer.layers.events
@@ -228,6 +242,18 @@ class RestoreWidget(QWidget):
         self.progress.setValue(0)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        # long messages wrap instead of widening the dock
+        self.status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.window_combo = QComboBox()
+        self.window_combo.setToolTip("window/level of the scan and the pseudo-healthy image (linked)")
+        self.window_combo.activated.connect(self._apply_window)
+        self.grid_button = QPushButton("Side by side")
+        self.grid_button.setCheckable(True)
+        self.grid_button.setToolTip("scan | pseudo-healthy | anomaly map in napari's grid, one camera")
+        self.grid_button.toggled.connect(self._toggle_grid)
+        display_row = QHBoxLayout()
+        display_row.addWidget(self.window_combo, 1)
+        display_row.addWidget(self.grid_button)
 
         form = QFormLayout()
         form.addRow("Scan layer", self.layer_combo)
@@ -240,6 +266,7 @@ class RestoreWidget(QWidget):
         form.addRow("Slices", self.mode_combo)
         form.addRow("", range_row)
         form.addRow("", self.current_label)
+        form.addRow("Window", display_row)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
@@ -257,6 +284,8 @@ class RestoreWidget(QWidget):
         self.mode_combo.setCurrentIndex(max(self.mode_combo.findData(s.slice_mode), 0))
         self.around_spin.setValue(s.around)
         path = s.ensemble if s.ensemble and Path(s.ensemble).is_dir() else demo_ensemble_path()
+        if path is not None and s.ensemble and Path(path) != Path(s.ensemble):
+            s.members = None
         if path is not None:
             self.set_ensemble(path, members=s.members if str(path) == s.ensemble else None)
         self._update_mode()
@@ -266,7 +295,7 @@ class RestoreWidget(QWidget):
         checked = self.checked_members()
         n_members = len(self.ensemble) if self.ensemble is not None else 0
         return WidgetSettings(
-            ensemble=self.ensemble_edit.text().strip(),
+            ensemble=self._ensemble_path or self.ensemble_edit.text().strip(),
             members=None if len(checked) == n_members else checked,
             sampler=self.sampler_combo.currentText(),
             steps=self.steps_spin.value(),
@@ -278,11 +307,11 @@ class RestoreWidget(QWidget):
 
     def _ensemble_edited(self) -> None:
         text = self.ensemble_edit.text().strip()
-        if text and text != self._ensemble_path:
+        if text and text != _display_name(self._ensemble_path):
             self.set_ensemble(text)
 
     def _browse(self) -> None:
-        start = self.ensemble_edit.text() or str(Path.home())
+        start = self._ensemble_path or str(Path.home())
         path = QFileDialog.getExistingDirectory(self, "Ensemble folder", start)
         if path:
             self.set_ensemble(path)
@@ -305,7 +334,7 @@ class RestoreWidget(QWidget):
             if isinstance(lay, Image)
             and lay.ndim in (2, 3)
             and not lay.rgb
-            and record(lay).get("role") not in ("pseudo", "anomaly")
+            and record(lay).get("role") not in OUTPUT_ROLES
         ]
 
     def selected_layer(self) -> Image | None:
@@ -318,6 +347,7 @@ class RestoreWidget(QWidget):
         if layer is not None and layer in self.image_layers() and not self.is_running():
             self.layer_combo.setCurrentText(layer.name)
         show_axial(self.viewer)
+        self.edge_labels.update()
 
     def _refresh_layers(self, event: Any = None) -> None:
         current = self.layer_combo.currentText()
@@ -341,6 +371,7 @@ class RestoreWidget(QWidget):
 
     def _update_current_label(self, event: Any = None) -> None:
         layer, frame = self.selected_layer(), self._frame()
+        self._update_windows(layer)
         if layer is None or frame is None:
             self.current_label.setText("no scan layer")
             self.restore_button.setEnabled(False)
@@ -361,15 +392,20 @@ class RestoreWidget(QWidget):
         The :class:`Ensemble` is kept (:attr:`ensemble`) and read again only when the folder
         changes, so its members' networks, loaded on first use, serve every later run.
         """
-        self.ensemble_edit.setText(str(path))
-        self._ensemble_path = str(path)
         self.member_list.clear()
         try:
+            path = resolve_ensemble(path)
             ensemble = self._load_ensemble(path)
         except (PseudohealthyError, OSError, ValueError) as exc:
             self._forget_ensemble()
+            self.ensemble_edit.setText(str(path))
+            self._ensemble_path = ""
             self._notify_error(f"Cannot use ensemble {path}: {exc}")
             return False
+        self._ensemble_path = str(ensemble.path)
+        self.ensemble_edit.setText(_display_name(ensemble.path))
+        self.ensemble_edit.setToolTip(str(ensemble.path))
+        self.ensemble_edit.setCursorPosition(len(self.ensemble_edit.text()))
         infos = ensemble.describe()
         for info in infos:
             item = QListWidgetItem(member_text(info))
@@ -440,6 +476,13 @@ class RestoreWidget(QWidget):
         except PseudohealthyError as exc:
             self._notify_error(f"Cannot restore '{layer.name}': {exc}")
             return None
+        if _looks_binary(layer.data):
+            from napari.utils.notifications import show_warning
+
+            show_warning(
+                f"'{layer.name}' holds only two values: it looks like a mask, not a scan "
+                "(restoring it anyway)"
+            )
         ws = self.current_settings()
         save_settings(ws)
         current = current_axial_index(self.viewer, layer, volume)
@@ -462,28 +505,36 @@ class RestoreWidget(QWidget):
     ) -> None:
         """Add or reuse the output layers and start this run's :class:`RunRecord`.
 
-        A rerun with the same ensemble, members, sampler, steps and seed keeps the slices restored
-        before (:meth:`RunRecord.same_run`, :meth:`RunRecord.keep_from`); any other change clears
-        the outputs. The mask keeps the threshold it had.
+        A rerun with the same ensemble, members, sampler, steps and seed keeps every slice restored
+        before (:meth:`RunRecord.same_run`, :meth:`RunRecord.keep_from`; a slice restored again
+        replaces its entry when it arrives), so a cancelled rerun loses nothing; any other change
+        clears the outputs. A threshold the user chose stays; otherwise the mask follows the
+        suggestion (:func:`suggest_threshold`) as slices arrive.
         """
         run = RunRecord.start(ensemble, settings.to_dict(), settings.device)
-        keep = self._keep_previous(layer, run, skip=set(slices))
+        keep = self._keep_previous(layer, run)
         mask_layer = find_output(self.viewer, layer.name, "mask")
-        threshold = record(mask_layer).get("threshold") if mask_layer is not None else None
+        mask_rec = record(mask_layer) if mask_layer is not None else {}
+        if not keep and mask_rec.get("threshold_rule", "user") != "user":
+            mask_rec = {}  # an automatic threshold belongs to the run it was computed on
         suggested = self.validation_threshold(ensemble)
+        threshold, rule = mask_rec.get("threshold"), mask_rec.get("threshold_rule", "user")
         if threshold is None:
-            threshold = DEFAULT_THRESHOLD if suggested is None else suggested
+            threshold, rule = (
+                (suggested, "validation") if suggested is not None else (DEFAULT_THRESHOLD, "default")
+            )
         contrast = tuple(float(c) for c in layer.contrast_limits)
         self.outputs = ensure_outputs(self.viewer, layer, contrast, keep=keep)
-        roles = ("pseudo", "anomaly", "mask")
+        link_contrast(layer, self.outputs.pseudo)
         views = {
-            r: canonical_view(out.data, volume) for r, out in zip(roles, self.outputs.all(), strict=True)
+            r: canonical_view(out.data, volume)
+            for r, out in zip(OUTPUT_ROLES, self.outputs.all(), strict=True)
         }
         self._run = ActiveRun(run, views, threshold, suggested, list(slices))
-        set_record(self.outputs.mask, threshold=threshold)
+        set_record(self.outputs.mask, threshold=threshold, threshold_rule=rule)
         self._update_records(status="running")
 
-    def _keep_previous(self, layer: Image, run: RunRecord, skip: set[int]) -> bool:
+    def _keep_previous(self, layer: Image, run: RunRecord) -> bool:
         """Take the slices of the layer's previous run into ``run`` when it is the same run (on a
         grid of the same shape); returns whether the outputs are kept."""
         previous_layer = find_output(self.viewer, layer.name, "anomaly")
@@ -492,7 +543,7 @@ class RestoreWidget(QWidget):
         previous = run_record(previous_layer)
         if previous is None or not run.same_run(previous):
             return False
-        run.keep_from(previous, skip=skip)
+        run.keep_from(previous)
         return True
 
     def _launch(self, volume: Any, ensemble: Ensemble, settings: RestoreSettings, slices: list[int]) -> Any:
@@ -544,14 +595,34 @@ class RestoreWidget(QWidget):
         views = run.views
         views["pseudo"][:, :, k] = _pseudo_intensity(result)
         views["anomaly"][:, :, k] = result.anomaly
-        threshold = record(outputs.mask).get("threshold", run.threshold)
-        threshold_mask(result.anomaly, threshold, out=views["mask"][:, :, k])
+        spread = getattr(result, "uncertainty", None)
+        views["uncertainty"][:, :, k] = 0.0 if spread is None else spread
         run.record.add(result)
         run.new += 1
+        self._threshold_slice(k)
         for out in outputs.all():
             out.refresh()
         self._update_records(status="running")
         self.status.setText(f"restored axial {k} ({run.new} done, score {result.score:.4f})")
+
+    def _threshold_slice(self, k: int) -> None:
+        """Threshold slice ``k`` into the mask; while no user threshold is set, the mask follows
+        the suggestion over all restored slices (re-thresholding them when it moves)."""
+        run, outputs = self._run, self.outputs
+        assert run is not None and outputs is not None
+        rec = record(outputs.mask)
+        threshold = float(rec.get("threshold", run.threshold))
+        if rec.get("threshold_rule", "user") in ("default", "calm", "otsu"):
+            slices = run.record.restored
+            scores = [run.record.slice_scores[j] for j in slices]
+            value, rule = suggest_threshold(run.views["anomaly"], slices, scores, run.suggested)
+            if value is not None and (abs(value - threshold) > 1e-9 or rule != rec.get("threshold_rule")):
+                threshold = value
+                set_record(outputs.mask, threshold=threshold, threshold_rule=rule)
+                for j in slices:
+                    threshold_mask(run.views["anomaly"][:, :, j], threshold, out=run.views["mask"][:, :, j])
+                return
+        threshold_mask(run.views["anomaly"][:, :, k], threshold, out=run.views["mask"][:, :, k])
 
     def _update_records(self, status: str) -> None:
         """Write the run record (plus the viewer's keys) into the three output layers."""
@@ -581,12 +652,48 @@ class RestoreWidget(QWidget):
             run.record.completed = status == "done"
             self._update_records(status=status)
         n = run.new if run is not None else 0
+        total = len(run.record.restored) if run is not None else 0
         seconds = time.perf_counter() - run.started if run is not None else 0.0
-        self.status.setText(f"{status}: {n} slice(s) restored in {seconds:.1f} s")
+        kept = f", {total} in all" if total != n else ""
+        self.status.setText(f"{status}: {n} slice(s) restored in {seconds:.1f} s{kept}")
         self.worker = None
         self.restore_button.setEnabled(self.selected_layer() is not None)
         self.cancel_button.setEnabled(False)
         self.run_finished.emit()
+
+    # ------------------------------------------------------------------ display
+    def _update_windows(self, layer: Image | None) -> None:
+        """Offer the window/level presets (:data:`WINDOWS`) while there is a scan layer."""
+        if self.window_combo.count() == 0:
+            for name in WINDOWS:
+                self.window_combo.addItem(name, name)
+        self.window_combo.setEnabled(layer is not None)
+
+    def _apply_window(self, *_: Any) -> None:
+        """Apply the chosen preset, computed on the scan now, to the scan and its pseudo-healthy
+        image (their contrast is linked, so later changes of either follow too)."""
+        layer = self.selected_layer()
+        name = self.window_combo.currentData()
+        windows = window_presets(np.asarray(layer.data)) if layer is not None else {}
+        if layer is None or name not in windows:
+            return
+        pseudo = find_output(self.viewer, layer.name, "pseudo")
+        apply_window(windows[name], layer, pseudo)
+
+    def apply_window(self, name: str) -> None:
+        """Apply the window/level preset ``name`` (a key of :func:`window_presets`)."""
+        index = self.window_combo.findData(name)
+        if index < 0:
+            raise KeyError(name)
+        self.window_combo.setCurrentIndex(index)
+        self._apply_window()
+
+    def _toggle_grid(self, on: bool) -> None:
+        layer = self.selected_layer()
+        names = [output_name(layer.name, r) for r in ("pseudo", "anomaly")] if layer is not None else []
+        shown = [layer] + [self.viewer.layers[n] for n in names if n in self.viewer.layers] if layer else []
+        self.side_by_side.set(on, shown)
+        self.edge_labels.update()
 
     def _notify_error(self, message: str) -> None:
         from napari.utils.notifications import show_error
@@ -597,6 +704,29 @@ class RestoreWidget(QWidget):
     def closeEvent(self, event: Any) -> None:
         self._stop.set()
         super().closeEvent(event)
+
+
+OUTPUT_ROLES = ("pseudo", "anomaly", "mask", "uncertainty")
+
+
+def _display_name(path: str | Path) -> str:
+    """What the ensemble field shows: a bundled ensemble's name (``demo``), else the path with
+    ``~`` for the home folder."""
+    if not str(path):
+        return ""
+    demo = demo_ensemble_path()
+    if demo is not None and Path(path).resolve() == Path(demo).resolve():
+        return "demo"
+    home = str(Path.home())
+    text = str(path)
+    return "~" + text[len(home) :] if text.startswith(home + "/") else text
+
+
+def _looks_binary(data: Any) -> bool:
+    """Whether an image holds at most two distinct values (a mask opened as an image)."""
+    arr = np.asarray(data)
+    sample = arr.reshape(-1)[:: max(arr.size // 200_000, 1)]
+    return np.unique(sample[np.isfinite(sample)]).size <= 2 and np.unique(arr).size <= 2
 
 
 def _devices() -> list[str]:

@@ -61,7 +61,7 @@ def load_settings(path: Path | None = None) -> WidgetSettings:
     """Read the saved settings; unreadable or missing files give the defaults."""
     path = path or config_dir() / FILE_NAME
     try:
-        raw: dict[str, Any] = json.loads(path.read_text())
+        raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         known = {f.name for f in fields(WidgetSettings)}
         return WidgetSettings(**{k: v for k, v in raw.items() if k in known}).clean()
     except (OSError, ValueError, TypeError, AttributeError):

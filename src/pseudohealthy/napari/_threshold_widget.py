@@ -1,4 +1,5 @@
-"""Dock widget: threshold the anomaly map into the lesion mask and browse per-slice scores."""
+"""Dock widget: threshold the anomaly map into the predicted lesions, browse per-slice scores and
+the ensemble's per-slice uncertainty."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pseudohealthy.napari._layers import (
 )
 from pseudohealthy.napari._outputs import (
     DEFAULT_THRESHOLD,
+    RULES,
     find_output,
     record,
     run_record,
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
     import napari
     from napari.layers import Image, Labels
 
-_BG, _FG, _ACCENT = "#262930", "#d1d2d4", "#f4a261"
+_BG, _FG, _ACCENT, _SPREAD = "#262930", "#d1d2d4", "#f4a261", "#4cc9f0"
 
 
 class ThresholdWidget(QWidget):
@@ -51,6 +53,7 @@ class ThresholdWidget(QWidget):
         self.viewer = napari_viewer
         self._layer: Image | None = None
         self.suggested: float | None = None
+        self.rule = "default"
         self._build()
         events = self.viewer.layers.events
         for event in (events.inserted, events.removed):
@@ -69,17 +72,22 @@ class ThresholdWidget(QWidget):
         self.slider.setValue(DEFAULT_THRESHOLD)
         self.slider.valueChanged.connect(self.set_threshold)
         self.suggest_label = QLabel("suggested: –")
-        self.suggest_button = QPushButton("Apply suggestion")
+        self.suggest_label.setWordWrap(True)
+        self.suggest_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.suggest_button = QPushButton("Suggested")
+        self.suggest_button.setToolTip("set the threshold to the suggestion")
         self.suggest_button.clicked.connect(self.apply_suggestion)
         row = QHBoxLayout()
-        row.addWidget(self.suggest_label, 1)
+        row.addWidget(self.slider, 1)
         row.addWidget(self.suggest_button)
         self.score_label = QLabel("volume score: –")
         self.score_label.setWordWrap(True)
+        # long text wraps instead of widening the dock
+        self.score_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         form = QFormLayout()
         form.addRow("Anomaly map", self.layer_combo)
-        form.addRow("Threshold", self.slider)
-        form.addRow(row)
+        form.addRow("Threshold", row)
+        form.addRow(self.suggest_label)
         form.addRow(self.score_label)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -89,14 +97,15 @@ class ThresholdWidget(QWidget):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(3.2, 2.0), facecolor=_BG, layout="constrained")
-        self.axes = fig.add_subplot(111)
+        fig = Figure(figsize=(3.2, 2.6), facecolor=_BG, layout="constrained")
+        self.axes, self.spread_axes = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
         self.canvas = FigureCanvasQTAgg(fig)
-        self.canvas.setMinimumHeight(160)
-        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.canvas.setMinimumHeight(200)
+        self.canvas.setMinimumWidth(120)
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Expanding)
         self.canvas.mpl_connect("button_press_event", self._on_click)
         layout.addWidget(self.canvas, 1)
-        self._draw([], [], None)
+        self._draw([], [], [], None)
 
     # ------------------------------------------------------------------ layers
     def anomaly_layers(self) -> list[Image]:
@@ -160,11 +169,17 @@ class ThresholdWidget(QWidget):
             return
         threshold_mask(np.asarray(anomaly.data), float(value), out=mask.data)
         mask.refresh()
-        set_record(mask, threshold=float(value))
+        set_record(mask, threshold=float(value), threshold_rule=self._pending_rule)
+
+    _pending_rule = "user"  # the rule recorded with the next threshold (a slider move: the user's)
 
     def apply_suggestion(self) -> None:
         if self.suggested is not None:
-            self.set_threshold(round(self.suggested, 3))
+            self._pending_rule = self.rule
+            try:
+                self.set_threshold(round(self.suggested, 3))
+            finally:
+                self._pending_rule = "user"
 
     # ------------------------------------------------------------------ scores and plot
     def refresh(self, event: Any = None) -> None:
@@ -176,12 +191,14 @@ class ThresholdWidget(QWidget):
         slices = run.restored if run is not None else []
         scores = [run.slice_scores[k] for k in slices] if run is not None else []
         frame = self._frame()
-        self.suggested, source = rec.get("ensemble_threshold"), "ensemble validation"
-        if self.suggested is None and layer is not None and frame is not None and slices:
-            self.suggested = suggest_threshold(canonical_view(layer.data, frame), slices, scores)
-            source = "99th percentile, calm slices"
+        self.suggested, self.rule = None, "default"
+        if layer is not None and frame is not None:
+            data = canonical_view(layer.data, frame)
+            self.suggested, self.rule = suggest_threshold(data, slices, scores, rec.get("ensemble_threshold"))
         self.suggest_label.setText(
-            "suggested: –" if self.suggested is None else f"suggested: {self.suggested:.3f} ({source})"
+            "suggested: –"
+            if self.suggested is None
+            else f"suggested: {self.suggested:.3f} ({RULES[self.rule]})"
         )
         self.suggest_button.setEnabled(self.suggested is not None)
         mask = self.mask_layer()
@@ -196,31 +213,58 @@ class ThresholdWidget(QWidget):
         else:
             top = int(np.argmax(scores))
             self.score_label.setText(
-                f"volume score: {score:.4f} (mean of {len(scores)} slice score(s); "
-                f"highest {scores[top]:.4f} at axial {slices[top]})"
+                f"volume score {score:.4f} ({len(scores)} slices) · "
+                f"max {scores[top]:.4f} at axial {slices[top]}"
             )
+            self.score_label.setToolTip(
+                "volume score: the mean of the restored slices' scores; the plot shows each slice's "
+                "score (top) and the ensemble's disagreement on it (bottom)"
+            )
+        spreads = [run.uncertainty_scores.get(k, np.nan) for k in slices] if run is not None else []
         current = current_axial_index(self.viewer, layer, frame) if layer is not None and frame else None
-        self._draw(slices, scores, current)
+        self._draw(slices, scores, spreads, current)
 
-    def _draw(self, slices: list[int], scores: list[float], current: int | None) -> None:
-        ax = self.axes
-        ax.clear()
-        ax.set_facecolor(_BG)
-        for spine in ax.spines.values():
-            spine.set_color(_FG)
-        ax.tick_params(colors=_FG, labelsize=7)
-        ax.set_xlabel("axial slice (click to go there)", color=_FG, fontsize=8)
-        ax.set_ylabel("slice score", color=_FG, fontsize=8)
+    def _draw(
+        self, slices: list[int], scores: list[float], spreads: list[float], current: int | None
+    ) -> None:
         frame = self._frame()
-        n = frame.shape[2] if frame is not None else 1
-        ax.set_xlim(-0.5, max(n - 0.5, 0.5))
+        n = frame.shape[2] if frame is not None else 0
+        for ax, label in ((self.axes, "slice score"), (self.spread_axes, "uncertainty")):
+            ax.clear()
+            ax.set_facecolor(_BG)
+            for spine in ax.spines.values():
+                spine.set_color(_FG)
+            ax.tick_params(colors=_FG, labelsize=7)
+            ax.set_ylabel(label, color=_FG, fontsize=8)
+            ax.set_ylim(0, 1e-3)
+        self.spread_axes.set_xlabel("axial slice (click to go there)", color=_FG, fontsize=8)
+        self.axes.set_xlim(-0.5, n - 0.5) if n else self.axes.set_xlim(0.0, 1.0)
+        if not n:
+            for ax in (self.axes, self.spread_axes):
+                ax.set_xticks([])
+                ax.set_yticks([])
+            self.axes.text(
+                0.5,
+                0.5,
+                "no restored scan yet",
+                color=_FG,
+                fontsize=8,
+                ha="center",
+                transform=self.axes.transAxes,
+            )
         if slices:
             order = np.argsort(slices)
             xs, ys = np.asarray(slices)[order], np.asarray(scores)[order]
-            ax.vlines(xs, 0, ys, color=_ACCENT, linewidth=1.5)
-            ax.plot(xs, ys, "o", color=_ACCENT, markersize=3)
-            ax.set_ylim(0, max(float(ys.max()) * 1.15, 1e-3))
-        self._cursor = ax.axvline(current if current is not None else -10, color="#6ab0de", linewidth=1)
+            self.axes.vlines(xs, 0, ys, color=_ACCENT, linewidth=1.5)
+            self.axes.plot(xs, ys, "o", color=_ACCENT, markersize=3)
+            self.axes.set_ylim(0, max(float(ys.max()) * 1.15, 1e-3))
+            us = np.asarray(spreads, dtype=float)[order]
+            if np.isfinite(us).any():
+                self.spread_axes.plot(xs, us, "-o", color=_SPREAD, markersize=2.5, linewidth=1)
+                self.spread_axes.set_ylim(0, max(float(np.nanmax(us)) * 1.15, 1e-3))
+        where = current if current is not None else -10
+        self._cursor = self.axes.axvline(where, color="#6ab0de", linewidth=1)
+        self._spread_cursor = self.spread_axes.axvline(where, color="#6ab0de", linewidth=1)
         self.canvas.draw_idle()
 
     def _update_cursor(self, event: Any = None) -> None:
@@ -229,10 +273,11 @@ class ThresholdWidget(QWidget):
             return
         k = current_axial_index(self.viewer, layer, frame)
         self._cursor.set_xdata([k, k])
+        self._spread_cursor.set_xdata([k, k])
         self.canvas.draw_idle()
 
     def _on_click(self, event: Any) -> None:
-        if event.inaxes is not self.axes or event.xdata is None:
+        if event.inaxes not in (self.axes, self.spread_axes) or event.xdata is None:
             return
         self.go_to(round(event.xdata))
 

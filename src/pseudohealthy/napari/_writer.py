@@ -14,6 +14,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from pseudohealthy.data.files import atomic_write
 from pseudohealthy.data.io import Volume, is_nifti_name, load_scan, save_like, to_canonical
 from pseudohealthy.errors import ScanError
 from pseudohealthy.napari._layers import NIFTI_KEY, as_3d, ras_from_world
@@ -53,6 +54,8 @@ def write_nifti(path: str | Path, data: Any, meta: dict[str, Any], *, labels: bo
     if not is_nifti_name(path):
         return []
     arr = np.asarray(data)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # e.g. unrestored (NaN) slices
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
     if arr.ndim not in (2, 3):
         raise ScanError(path, f"can only write 2D or 3D layers as NIfTI, got shape {arr.shape}")
     metadata = meta.get("metadata") or {}
@@ -70,8 +73,7 @@ def write_nifti(path: str | Path, data: Any, meta: dict[str, Any], *, labels: bo
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, path)
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
     return [str(path)]
 
 

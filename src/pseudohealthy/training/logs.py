@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pseudohealthy.data.files import write_text
 from pseudohealthy.training.config import LOG_FIELDS
 
 __all__ = ["CsvLog", "EarlyStop", "finite_or_none", "open_tensorboard"]
@@ -71,32 +73,40 @@ class EarlyStop:
 
 
 class CsvLog:
-    """``log.csv`` (step, loss, val_loss, val_ap, lr, time); a resumed run drops rows past its step."""
+    """``log.csv`` (step, loss, val_loss, val_ap, lr, time); a resumed run drops rows past its step.
+
+    The whole file is rewritten atomically on every row (:func:`pseudohealthy.data.files.write_text`),
+    so a kill never leaves a torn line.
+    """
 
     def __init__(self, path: Path, resume_step: int | None) -> None:
         self.path = path
-        rows: list[dict[str, str]] = []
+        self.rows: list[dict[str, str]] = []
         if resume_step is not None and path.is_file():
             with open(path, newline="", encoding="utf-8") as fh:
-                rows = [
-                    r
+                self.rows = [
+                    {k: r.get(k, "") or "" for k in LOG_FIELDS}
                     for r in csv.DictReader(fh)
                     if r.get("step", "").isdigit() and int(r["step"]) <= resume_step
                 ]
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
+        self._save()
 
     def write(self, **row: Any) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            clean = {k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS}
-            for k in ("loss", "val_loss", "val_ap"):
-                if isinstance(clean[k], float):
-                    clean[k] = f"{clean[k]:.6g}" if math.isfinite(clean[k]) else ""
-            if isinstance(clean["time"], float):
-                clean["time"] = f"{clean['time']:.2f}"
-            csv.DictWriter(fh, LOG_FIELDS).writerow(clean)
+        clean = {k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS}
+        for k in ("loss", "val_loss", "val_ap"):
+            if isinstance(clean[k], float):
+                clean[k] = f"{clean[k]:.6g}" if math.isfinite(clean[k]) else ""
+        if isinstance(clean["time"], float):
+            clean["time"] = f"{clean['time']:.2f}"
+        self.rows.append(clean)
+        self._save()
+
+    def _save(self) -> None:
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text(self.path, buffer.getvalue())
 
 
 def open_tensorboard(path: Path) -> Any:

@@ -6,6 +6,7 @@ precision of quick-restoration anomaly maps against the synthetic masks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import numpy as np
@@ -16,10 +17,13 @@ from pseudohealthy.data.dataset import ValidationSet
 from pseudohealthy.device import autocast
 from pseudohealthy.engine.frame import restore_frame
 from pseudohealthy.engine.sampler import SamplerPlan
+from pseudohealthy.errors import NonFiniteError
 from pseudohealthy.evaluation.metrics import binary_curve
 from pseudohealthy.model.diffusion import Schedule, to_model_range, training_loss
 from pseudohealthy.training.config import TrainConfig
 from pseudohealthy.training.distributed import unwrap
+
+log = logging.getLogger(__name__)
 
 __all__ = ["VALIDATION_MEMBER", "VALIDATION_SAMPLER", "validate"]
 
@@ -105,6 +109,34 @@ def _val_loss(
     return total / max(count, 1)
 
 
+def _frame_maps(
+    model: nn.Module,
+    val: ValidationSet,
+    rows: np.ndarray,
+    plan: SamplerPlan,
+    schedule: Schedule,
+    conditioned: bool,
+    config: TrainConfig,
+    device: torch.device,
+    seed: int,
+) -> np.ndarray:
+    """The engine's ensemble maps of validation samples ``rows`` (the model as one member)."""
+    frame = restore_frame(
+        [model],
+        [VALIDATION_MEMBER],
+        val.cond[rows],
+        val.fg[rows],
+        [int(i) for i in rows],
+        plan,
+        schedule,
+        seed=seed,
+        conditioned=conditioned,
+        device=device,
+        precision=config.precision,
+    )
+    return frame.maps
+
+
 def _val_maps(
     model: nn.Module,
     val: ValidationSet,
@@ -126,23 +158,14 @@ def _val_maps(
     plan = SamplerPlan.for_ensemble(
         VALIDATION_SAMPLER, config.val_ap_steps, schedule, conditioned=conditioned
     )
-    maps = []
-    for sl in _batches(pick.size, max(1, 2 * config.batch_size)):
-        rows = pick[sl]
-        frame = restore_frame(
-            [model],
-            [VALIDATION_MEMBER],
-            val.cond[rows],
-            val.fg[rows],
-            [int(i) for i in rows],
-            plan,
-            schedule,
-            seed=seed,
-            conditioned=conditioned,
-            device=device,
-            precision=config.precision,
-        )
-        maps.append(frame.maps)
+    try:
+        maps = [
+            _frame_maps(model, val, pick[sl], plan, schedule, conditioned, config, device, seed)
+            for sl in _batches(pick.size, max(1, 2 * config.batch_size))
+        ]
+    except NonFiniteError as exc:  # a diverged model: no AP to report, training decides what to do
+        log.warning("validation restorations are not finite (%s): no val_ap this time", exc.problem)
+        return none
     curve = binary_curve(np.concatenate(maps).ravel(), labels.ravel())
     _, threshold = curve.best_dice()
     return {"val_ap": curve.average_precision(), "val_threshold": threshold}
