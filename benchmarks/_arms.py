@@ -293,6 +293,8 @@ def figure(
     import matplotlib.pyplot as plt
 
     from pseudohealthy.data.files import atomic_write
+    from pseudohealthy.figures.orientation import axial_display
+    from pseudohealthy.figures.preview import draw_edge_labels
 
     volumes = {test.label: (_load(test)[0].data, _load(test)[1], _brain(test)) for test in tests}
     area = [(int(volumes[t][1][:, :, k].sum()), t, k) for t in slices for k in slices[t]]
@@ -314,7 +316,7 @@ def figure(
         vmin, vmax = np.percentile(inside, [0.5, 99.5]) if inside.size else (image.min(), image.max())
 
         def view(vol: np.ndarray, k: int = k, xs: np.ndarray = xs, ys: np.ndarray = ys) -> np.ndarray:
-            return np.rot90(vol[xs.min() : xs.max() + 1, ys.min() : ys.max() + 1, k])  # RAS: anterior up
+            return axial_display(vol[xs.min() : xs.max() + 1, ys.min() : ys.max() + 1, k])  # radiological
 
         panels = [(modality, view(image), "gray", (vmin, vmax)), ("lesion", view(lesion), "gray", (0, 1))]
         for arm in arms:
@@ -326,6 +328,7 @@ def figure(
             ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            draw_edge_labels(ax, fontsize=6)
             if name.endswith("map") and view(lesion).any():
                 ax.contour(view(lesion), levels=[0.5], colors="cyan", linewidths=0.6)
             if row == 0:

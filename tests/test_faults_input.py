@@ -461,3 +461,22 @@ def test_command_line_reports_each_bad_scan_in_one_line_and_goes_on(tmp_path, mo
         "good_restore.json",
         "good_uncertainty.nii.gz",
     ]
+
+
+def test_the_command_line_prints_a_warning_on_one_line(tmp_path):
+    """Row 10 through a real process: the outlier warning is one line naming the file."""
+    import subprocess
+    import sys
+
+    data = phantom() * np.float32(4.5 / phantom().max())
+    data[16, 16, 6] = 100.0
+    path = _scan(tmp_path, data, "outlier.nii.gz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pseudohealthy", "synth", str(path), "--task", "intensity", "-o",
+         str(tmp_path / "synth"), "--size", "32"],
+        capture_output=True, encoding="utf-8", timeout=300,
+    )  # fmt: skip
+    warned = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert proc.returncode == 0, proc.stderr
+    assert len(warned) == 1 and warned[0].startswith("pseudohealthy synth: warning: ")
+    assert "outlier.nii.gz: the maximum 100" in warned[0]

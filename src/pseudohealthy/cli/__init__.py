@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from pseudohealthy import __version__
 from pseudohealthy.errors import PseudohealthyError
@@ -45,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str, enabled: bool) -> Iterator[None]:
+    """Format warnings as ``pseudohealthy CMD: warning: MESSAGE`` (one line) while the command runs."""
+    saved = warnings.formatwarning
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"pseudohealthy {command}: warning: {' '.join(str(message).split())}\n"
+
+    if enabled:
+        warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = build_parser()
@@ -54,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        result = args.func(args)
+        with _one_line_warnings(args.command, enabled=not args.debug):  # --debug: Python's form
+            result = args.func(args)
     except PseudohealthyError as exc:
         if args.debug:
             raise
