@@ -553,8 +553,7 @@ def test_default_threshold_on_sample_tumour(make_napari_viewer, qtbot) -> None:
     from pseudohealthy.cli import view as view_cli
     from pseudohealthy.data.sample import demo_ensemble_path
 
-    if demo_ensemble_path() is None:
-        pytest.skip("no demo ensemble")
+    assert demo_ensemble_path() is not None, "the demo ensemble is bundled in sample_data/"
     viewer, restore, threshold = view_cli.open_viewer(None, demo_ensemble_path(), viewer=make_napari_viewer())
     scan, truth = viewer.layers[0], viewer.layers[1]
     assert restore.ensemble_edit.text() == "demo"  # not the elided end of a long path

@@ -46,6 +46,14 @@ class WriteError(PseudohealthyError):
         super().__init__(f"cannot write {path}: {reason}")
 
 
+def add_scans_argument(parser: Any) -> None:
+    """The ``SCAN...`` positional of the commands that take many scans (restore, preprocess)."""
+    parser.add_argument(
+        "scans", nargs="+", type=Path, metavar="SCAN",
+        help="NIfTI scans, DICOM series folders, or folders of them",
+    )  # fmt: skip
+
+
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc`` (itself, or the cause a library wrapped it in)."""
     while exc is not None:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pseudohealthy.cli.batch import Batch, OutputSet, check_output_dir, output_names
+from pseudohealthy.cli.batch import Batch, OutputSet, add_scans_argument, check_output_dir, output_names
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 log = logging.getLogger("pseudohealthy.data.preprocess")
@@ -35,10 +35,7 @@ def register(subparsers) -> argparse.ArgumentParser:
             "'pseudohealthy[preprocess]'."
         ),
     )
-    parser.add_argument(
-        "scans", nargs="+", type=Path, metavar="SCAN",
-        help="NIfTI scans, DICOM series folders, or folders of them",
-    )  # fmt: skip
+    add_scans_argument(parser)
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR", help="output folder")
     parser.add_argument(
         "--template",

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pseudohealthy.cli.batch import Batch, OutputSet, check_output_dir, output_names
+from pseudohealthy.cli.batch import Batch, OutputSet, add_scans_argument, check_output_dir, output_names
 from pseudohealthy.engine.defaults import (
     BASELINE_T_START,
     COMPILE_MODES,
@@ -47,10 +47,7 @@ def register(subparsers) -> argparse.ArgumentParser:
             "--overwrite, and the output folder is checked before any scan is restored."
         ),
     )
-    parser.add_argument(
-        "scans", nargs="+", type=Path, metavar="SCAN",
-        help="NIfTI scans, DICOM series folders, or folders of them",
-    )  # fmt: skip
+    add_scans_argument(parser)
     parser.add_argument(
         "--ensemble",
         type=Path,
