@@ -213,6 +213,7 @@ def restore_and_evaluate(
     if all(t.brain is not None for t in tests):
         cmd += ["--brain-masks", *(str(t.brain) for t in tests)]
     cmd += ["--restorations", str(restored), "-o", str(evaluated), "--size", str(args.size), "--overwrite"]
+    cmd += ["--frame", "native"]  # restore's maps are in the scans' grid
     cmd += list(evaluate_options)
     if args.slices_per_volume:
         cmd += ["--slices-per-volume", str(args.slices_per_volume)]

@@ -26,6 +26,12 @@ contestant, the engine with ``torch.compile``'d members (compiled before timing;
 reported), timed interleaved with the eager engine.
 One CPU thread by default: on a small shared machine, multi-threaded small convolutions stall
 on descheduled threads and the timings become noise.
+
+``--precision-compare``: instead, the engine in fp32 against bf16 autocast (each preset's random
+ensemble, or ``--ensemble demo`` / a folder), ``--repeats`` interleaved runs each (the order
+alternates), medians: the wall and CPU time ratios fp32 / bf16 (above 1: bf16 is faster), the
+largest and mean absolute difference of the bf16 maps to the fp32 maps over the restored
+foreground, and AP_p of both against the sample scan's lesion mask on the restored slices.
 """
 
 from __future__ import annotations
@@ -48,7 +54,18 @@ from pseudohealthy.engine.defaults import COMPILE_MODES, DEFAULT_SAMPLER, SAMPLE
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu import PEAK_TFLOPS, device_peak_tflops, unet_flops  # PEAK_TFLOPS: re-exported
 
-__all__ = ["PEAK_TFLOPS", "bench_preset", "build_ensemble", "device_peak_tflops", "main", "unet_flops"]
+__all__ = [
+    "PEAK_TFLOPS",
+    "bench_preset",
+    "build_ensemble",
+    "compare_precisions",
+    "device_peak_tflops",
+    "main",
+    "unet_flops",
+]
+
+COMPARED = ("fp32", "bf16")
+"""The precisions ``--precision-compare`` times against each other (the reference first)."""
 
 
 def build_ensemble(folder: Path, preset: str, n_members: int):
@@ -236,6 +253,136 @@ def bench_preset(
     return fig
 
 
+def _slices_of(prepared, count: int) -> list[int]:
+    """``count`` central foreground slices (canonical axial indices) of ``prepared``."""
+    fg = [int(k) for k in prepared.indices]
+    mid = len(fg) // 2
+    return fg[max(0, mid - count // 2) :][:count]
+
+
+def _map_figures(results: dict[str, Any], prepared, lesion: np.ndarray, slices: list[int]) -> dict[str, Any]:
+    """Differences of each precision's maps to the first's (restored foreground) and AP_p."""
+    from pseudohealthy.evaluation.metrics import binary_curve
+
+    ref = results[COMPARED[0]].anomaly[:, :, slices]
+    fg = prepared.foreground[:, :, slices]
+    labels = lesion[:, :, slices]
+    out: dict[str, Any] = {}
+    for name, result in results.items():
+        maps = result.anomaly[:, :, slices]
+        diff = np.abs(maps.astype(np.float64) - ref)[fg]
+        ap = binary_curve(maps.ravel(), labels.ravel()).average_precision() if labels.any() else None
+        out[name] = {"max_abs_map_difference": float(diff.max()), "ap_pixel": ap}
+        out[name]["mean_abs_map_difference"] = float(diff.mean())
+    return out
+
+
+def _save_maps(path: Path, medians: dict[str, tuple], prepared, slices: list[int]) -> Path:
+    """``--save-maps``: each precision's map, the slices and the foreground there, ``(X, Y, n)``."""
+    from pseudohealthy.data.files import atomic_write
+
+    arrays = {name: m[0].anomaly[:, :, slices] for name, m in medians.items()}
+    arrays |= {"slices": np.asarray(slices), "foreground": prepared.foreground[:, :, slices]}
+    return atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
+
+
+def compare_precisions(
+    ensemble, label: str, args: argparse.Namespace, volume, lesion: np.ndarray, device: torch.device
+) -> dict[str, Any]:
+    """The engine in each of :data:`COMPARED` on the central foreground slices of ``volume``.
+
+    Runs are interleaved ``args.repeats`` times, alternating the order; medians of wall and
+    process CPU seconds. Map figures from the last run of each (the runs are deterministic).
+    """
+    from pseudohealthy.device import describe_precision
+    from pseudohealthy.engine.restore import prepare_for, restore_volume
+    from pseudohealthy.engine.settings import RestoreSettings
+
+    base = {"sampler": args.sampler, "steps": args.steps, "device": str(device)}
+    base["batch_size"] = args.batch_size
+    settings = {name: RestoreSettings(**base, precision=name) for name in COMPARED}
+    prepared = prepare_for(volume, ensemble, settings[COMPARED[0]])
+    slices = _slices_of(prepared, args.slices)
+    for one in settings.values():  # load weights, warm the kernels of both precisions
+        restore_volume(volume, ensemble, RestoreSettings(**{**one.to_dict(), "steps": 1}), slices=slices[:1])
+    runs: dict[str, list[tuple]] = {name: [] for name in COMPARED}
+    for r in range(args.repeats):
+        for name in COMPARED if r % 2 == 0 else COMPARED[::-1]:
+            runs[name].append(
+                _measure(lambda n=name: restore_volume(volume, ensemble, settings[n], slices=slices), device)
+            )
+    medians = {name: _median_run(measured) for name, measured in runs.items()}
+    fig: dict[str, Any] = {
+        "ensemble": label,
+        "members": len(ensemble.members),
+        "image_size": ensemble.image_size,
+        "slices": len(slices),
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "precisions": {name: describe_precision(device, name) for name in COMPARED},
+        "runs_s": {name: [m[1] for m in measured] for name, measured in runs.items()},
+        "lesion_pixels": int(lesion[:, :, slices].sum()),
+    }
+    maps = _map_figures({name: m[0] for name, m in medians.items()}, prepared, lesion, slices)
+    if getattr(args, "save_maps", None):
+        _save_maps(args.save_maps / f"{Path(label.split()[0]).name}_maps.npz", medians, prepared, slices)
+    for name, (_, wall, cpu, rss, _gpu) in medians.items():
+        fig[name] = {"seconds": wall, "cpu_seconds": cpu, "slices_per_s": len(slices) / wall, **maps[name]}
+        fig[name]["peak_host_mib"] = rss
+    ref, low = (fig[name] for name in COMPARED)
+    fig["wall_ratio"] = ref["seconds"] / low["seconds"]
+    fig["cpu_ratio"] = ref["cpu_seconds"] / low["cpu_seconds"]
+    aps = (ref["ap_pixel"], low["ap_pixel"])
+    fig["ap_pixel_difference"] = None if None in aps else aps[1] - aps[0]
+    return fig
+
+
+def _print_compare(fig: dict[str, Any]) -> None:
+    ref, low = COMPARED
+    print(
+        f"\n{fig['ensemble']} ({fig['members']} members, {fig['image_size']} px), {fig['slices']} slices, "
+        f"{fig['sampler']} {fig['steps']} steps; medians of {fig['repeats']} interleaved runs"
+    )
+    for name in COMPARED:
+        r = fig[name]
+        ap = "-" if r["ap_pixel"] is None else f"{r['ap_pixel']:.4f}"
+        print(
+            f"{name:5s} {r['seconds']:8.2f} s wall {r['cpu_seconds']:8.2f} s CPU  max|diff| "
+            f"{r['max_abs_map_difference']:.2e} mean|diff| {r['mean_abs_map_difference']:.2e}  AP_p {ap}"
+            f"   [{fig['precisions'][name]}]"
+        )
+    dap = fig["ap_pixel_difference"]
+    print(
+        f"{ref}/{low} time ratio: {fig['wall_ratio']:.3f} wall, {fig['cpu_ratio']:.3f} CPU "
+        f"(>1: {low} faster); "
+        f"AP_p {low} - {ref}: {'-' if dap is None else f'{dap:+.5f}'} ({fig['lesion_pixels']} lesion pixels)"
+    )
+
+
+def _run_compare(args: argparse.Namespace, presets: list[str], volume, device: torch.device) -> list[dict]:
+    """``--precision-compare`` over ``--ensemble`` or each preset's random ensemble."""
+    from pseudohealthy.data.io import load_mask
+    from pseudohealthy.data.sample import resolve_ensemble, sample_mask_path
+    from pseudohealthy.model.checkpoint import Ensemble
+
+    lesion = load_mask(sample_mask_path(), volume)
+    figs = []
+    if args.ensemble:
+        ensemble = Ensemble.from_dir(resolve_ensemble(args.ensemble))
+        figs.append(compare_precisions(ensemble, args.ensemble, args, volume, lesion, device))
+    for preset in [] if args.ensemble else presets:
+        preset_name, _, members = preset.strip().partition(":")
+        with tempfile.TemporaryDirectory() as tmp:
+            ensemble = build_ensemble(Path(tmp), preset_name, int(members or args.members))
+            label = f"{preset_name} preset (random weights)"
+            figs.append(compare_precisions(ensemble, label, args, volume, lesion, device))
+            ensemble.release()
+    for fig in figs:
+        _print_compare(fig)
+    return figs
+
+
 def _print(fig: dict[str, Any]) -> None:
     print(
         f"\n{fig['preset']} preset ({fig['image_size']} px, {fig['parameters'] / 1e6:.2f}M parameters, "
@@ -313,6 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
     )
+    parser.add_argument(
+        "--precision-compare",
+        action="store_true",
+        help="time the engine in fp32 against bf16 autocast, compare their maps (not the naive loop)",
+    )
+    parser.add_argument("--ensemble", help="with --precision-compare: a bundled ensemble name or folder")
+    parser.add_argument(
+        "--save-maps", type=Path, help="with --precision-compare: each ensemble's maps to DIR/<name>_maps.npz"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file ('-': stdout)")
     args = parser.parse_args(argv)
 
@@ -339,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device} ({name}), torch {torch.__version__}")
 
     figures = {"device": str(device), "device_name": name, "torch": torch.__version__, "presets": []}
+    if args.precision_compare:
+        figures["precision_compare"] = _run_compare(args, presets, volume, device)
+        presets = []
     for preset in presets:
         preset_name, _, members = preset.strip().partition(":")
         fig = bench_preset(preset_name, int(members or args.members), args, volume, device)
@@ -346,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
         _print(fig)
     if args.json:
         text = json.dumps(figures, indent=2) + "\n"
-        sys.stdout.write(text) if str(args.json) == "-" else args.json.write_text(text)
+        if str(args.json) == "-":
+            sys.stdout.write(text)
+        else:
+            from pseudohealthy.data.files import write_text
+
+            write_text(args.json, text)
     return 0
 
 

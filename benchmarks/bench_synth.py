@@ -3,6 +3,8 @@
 Run: ``.venv/bin/python benchmarks/bench_synth.py [--quick] [--check]``. Prints corrupted
 slices per second per core (CPU time of this single-threaded process, and wall time) for
 each task, their mean, the training Corruptor, and the ratio to the 100 slices/s target.
+``--compare-styles`` instead measures the reference and legacy task styles side by side
+(largest displacement, shape sides, border cuts, overlap, intensity amplitude, time per sample).
 """
 
 from __future__ import annotations
@@ -44,6 +46,92 @@ def time_calls(fn, n: int) -> tuple[float, float]:
     return time.process_time() - c0, time.perf_counter() - w0
 
 
+def _shape_stats(work: list, n: int, seed: int, style: str) -> dict:
+    """Median side, fraction cut by the border and overlap with the foreground of ``n`` shapes."""
+    from pseudohealthy.data.anomalies import draw_shape
+
+    rng = np.random.default_rng([seed, 101])
+    sides, cut, overlap = [], 0, []
+    for i in range(n):
+        fg = work[i % len(work)][1]
+        shape = draw_shape(fg, rng, style=style)
+        sides += list(shape.sides)
+        cut += int(shape.mask.sum() < shape.area)
+        overlap.append(np.count_nonzero(shape.mask & fg) / shape.mask.sum())
+    overlap = np.array(overlap)
+    return {
+        "side_median": float(np.median(sides)),
+        "cut_fraction": cut / n,
+        "overlap_median": float(np.median(overlap)),
+        "overlap_p05": float(np.quantile(overlap, 0.05)),
+        "overlap_below_half": float(np.mean(overlap < 0.5)),
+    }
+
+
+def _task_stats(work: list, n: int, seed: int, style: str) -> dict:
+    """Largest displacement of the deformations and the intensity change's amplitude."""
+    from pseudohealthy.data.anomalies import apply_task
+    from pseudohealthy.data.anomalies.deform import sample_deformation
+
+    rng = np.random.default_rng([seed, 102])
+    push = [
+        sample_deformation(
+            work[i % len(work)][1], rng, ("sink", "source")[i % 2], style=style
+        ).displacement.max(initial=0.0)
+        for i in range(n)
+    ]
+    peak, mean = [], []
+    for i in range(n):
+        image, fg, _ = work[i % len(work)]
+        out, mask = apply_task("intensity", image, fg, rng, style=style)
+        change = np.abs(out - image)[mask]
+        peak.append(change.max())
+        mean.append(change.mean())
+    return {
+        "displacement_median": float(np.median(push)),
+        "intensity_peak_median": float(np.median(peak)),
+        "intensity_mean_median": float(np.median(mean)),
+    }
+
+
+def _time_styles(work: list, inter: list, n: int, seed: int, styles: tuple[str, ...]) -> dict:
+    """CPU milliseconds per sample of each task and style, the styles interleaved task by task."""
+    from pseudohealthy.data.anomalies import TASKS, apply_task
+
+    times: dict = {style: {} for style in styles}
+    for t, name in enumerate(TASKS):
+        for style in styles:
+            rng = np.random.default_rng([seed, t])
+
+            def one(i: int, t: int = t, rng: np.random.Generator = rng, style: str = style) -> None:
+                image, fg, intra = work[i % len(work)]
+                apply_task(t, image, fg, rng, intra_sources=intra, inter_sources=inter, style=style)
+
+            one(0)
+            cpu, _ = time_calls(one, n)
+            times[style][name] = 1000.0 * cpu / n
+    return times
+
+
+def compare_styles(work: list, inter: list, n: int, seed: int) -> dict:
+    """Print and return the reference-vs-legacy table."""
+    from pseudohealthy.data.anomalies import STYLES
+
+    stats = {s: {**_shape_stats(work, n, seed, s), **_task_stats(work, n, seed, s)} for s in STYLES}
+    times = _time_styles(work, inter, n, seed, STYLES)
+    print(f"{'measure':28s}" + "".join(f"{s:>12s}" for s in STYLES))
+    for key in stats[STYLES[0]]:
+        print(f"{key:28s}" + "".join(f"{stats[s][key]:12.3f}" for s in STYLES))
+    for name in times[STYLES[0]]:
+        row = "".join(f"{times[s][name]:12.2f}" for s in STYLES)
+        ratio = times[STYLES[0]][name] / times[STYLES[1]][name]
+        print(f"{'ms/sample ' + name:28s}{row}   ratio {ratio:.2f}")
+    total = {s: sum(times[s].values()) for s in STYLES}
+    print(f"{'ms/sample all tasks':28s}" + "".join(f"{total[s]:12.2f}" for s in STYLES), end="")
+    print(f"   ratio {total[STYLES[0]] / total[STYLES[1]]:.2f}")
+    return {"stats": stats, "ms_per_sample": times}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one scan, fewer slices")
@@ -52,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--check", action="store_true", help="exit 1 when below the target")
+    parser.add_argument("--compare-styles", action="store_true", help="reference vs legacy task styles")
     args = parser.parse_args(argv)
     if "torch" in sys.modules:  # not needed by the tasks; keep any torch work single-threaded
         sys.modules["torch"].set_num_threads(1)
@@ -77,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(work)} slices {args.size}x{args.size} from {len(scans)} scan(s); {n} corruptions per task; "
         "single-threaded"
     )
+    if args.compare_styles:
+        table = compare_styles(work, inter, n, args.seed)
+        if args.json:
+            from pseudohealthy.data.files import write_json
+
+            write_json(args.json, table)
+        return 0
 
     results = {}
     for t, name in enumerate(TASKS):

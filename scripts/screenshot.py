@@ -2,8 +2,9 @@
 
 Opens the bundled BraTS FLAIR in napari (as ``pseudohealthy view`` does), restores a few
 slices around the one with the most tumour with the demo ensemble (or ``--ensemble``), keeps the
-automatic threshold, shows the ensemble's uncertainty (cyan) over the scan with the outlines of
-the ground truth and of the predicted lesions and the canvas' R/L, A/P labels, and saves a
+automatic threshold, shows the anomaly map (magma; ``--overlay uncertainty``: the ensemble's
+uncertainty, cyan) over the scan, both in the map's own display range, with the outlines of the
+ground truth and of the predicted lesions and the canvas' R/L, A/P labels, and saves a
 screenshot of the whole window. Needs a display; headless:
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshot.py
@@ -33,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="sampler steps (default: the sampler's default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", default="1500x950", help="window size WxH (default 1500x950)")
+    parser.add_argument(
+        "--overlay",
+        choices=("anomaly", "uncertainty"),
+        default="anomaly",
+        help="the map shown over the scan (default: the anomaly map)",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
     parser.add_argument("-o", "--output", type=Path, default=REPO / "docs" / "screenshot.png")
     return parser.parse_args(argv)
@@ -80,16 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"restored in {time.perf_counter() - start:.1f} s: {restore.status.text()}")
     print(threshold.suggest_label.text())
 
-    # over the scan: the members' disagreement (cyan), the ground-truth and predicted outlines
+    # over the scan: one map (anomaly or the members' disagreement), the ground-truth and
+    # predicted outlines
     from pseudohealthy.napari import output_name
 
     restore.apply_window("1–99 %")
-    for role in ("pseudo", "anomaly"):
-        viewer.layers[output_name(scan.name, role)].visible = False
+    for role in ("pseudo", "anomaly", "uncertainty"):
+        viewer.layers[output_name(scan.name, role)].visible = role == args.overlay
     predicted = viewer.layers[output_name(scan.name, "mask")]
     predicted.contour, predicted.opacity = 1, 1.0  # predicted lesions: a second outline
-    viewer.layers[output_name(scan.name, "uncertainty")].visible = True
-    viewer.layers.selection.active = viewer.layers[output_name(scan.name, "uncertainty")]
+    shown = viewer.layers[output_name(scan.name, args.overlay)]
+    viewer.layers.selection.active = shown
+    print(f"{args.overlay} colour limits:", tuple(round(float(v), 6) for v in shown.contrast_limits))
     print("edge labels:", restore.edge_labels.text())
     viewer.reset_view()
     for _ in range(20):

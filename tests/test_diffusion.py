@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.schedulers import DDPMScheduler
 
-from pseudohealthy.model.diffusion import Schedule, from_model_range, to_model_range, training_loss
+from pseudohealthy.model.diffusion import Schedule, training_loss
 from pseudohealthy.model.network import ConfigError, build_model
 
 SHAPE = (2, 1, 8, 8)
@@ -14,8 +14,12 @@ SHAPE = (2, 1, 8, 8)
 
 def test_model_range_round_trip() -> None:
     x = torch.rand(4, 4)
-    assert to_model_range(x).min() >= -1 and to_model_range(x).max() <= 1
-    torch.testing.assert_close(from_model_range(to_model_range(x)), x)
+    for centred in (True, False):
+        s = Schedule(centred=centred)
+        inside = s.to_model(x)
+        torch.testing.assert_close(inside, 2 * x - 1 if centred else x)
+        torch.testing.assert_close(s.from_model(inside), x)
+        assert s.from_model(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]  # clamped
 
 
 def test_linear_schedule_equals_monai_linear_beta() -> None:

@@ -175,6 +175,7 @@ def test_cli_pairs_csv_restores_once_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setattr("pseudohealthy.cli.evaluate._settings", lambda args: {"steps": args.steps})
     out = tmp_path / "out"
     argv = ["-q", "evaluate", "--pairs", str(csv), "--ensemble", str(tmp_path / "ens"), "--size", "32"]
+    argv += ["--frame", "native"]  # restore_anomaly: the scan-grid path
     assert main([*argv, "--steps", "3", "-o", str(out)]) == 0
     assert [(c[0], c[1], c[2]) for c in calls] == [("FLAIR", "ENSEMBLE", {"steps": 3})] * 2
     first = _check_outputs(out)

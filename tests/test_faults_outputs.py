@@ -105,7 +105,7 @@ def _evaluate(tmp: Path, ensemble: Path) -> tuple[list[str], Path, list[list[str
     (s1, m1), (s2, m2) = _case(tmp / "in" / "p1", 0), _case(tmp / "in" / "p2", 1)
     out = tmp / "out"
     argv = ["evaluate", "--scans", str(s1), str(s2), "--masks", str(m1), str(m2)]
-    argv += ["--ensemble", str(ensemble), "--size", "32", "-o", str(out), *FAST]
+    argv += ["--ensemble", str(ensemble), "--frame", "native", "--size", "32", "-o", str(out), *FAST]
     units = [["metrics.json", "pr_curve.png", "roc_curve.png"]]
     units += [[f"anomaly_maps/{n}_FLAIR_anomaly.nii.gz"] for n in ("p1", "p2")]
     return argv, out, units

@@ -109,3 +109,32 @@ def test_gallery_is_radiological_and_labelled(tmp_path: Path, captured: list) ->
     panel = _panel(pixels, fig.axes[2])
     red = (panel[..., 0] - panel[..., 1]) > 0.3
     assert red.any() and np.nonzero(red)[1].mean() / panel.shape[1] < 0.4
+
+
+def test_preview_colour_limits_follow_the_map(tmp_path: Path, captured: list) -> None:
+    """The maps' colour limits come from the maps: a map (and uncertainty) 1000 times smaller,
+    as the reference's SSIM constants give, draws the same PNG up to rounding."""
+    from pseudohealthy.figures.ranges import display_range
+
+    vol = _volume()
+    rng = np.random.default_rng(0)
+    amap = (rng.random(vol.shape) * 0.2 * (vol > 0)).astype(np.float32)
+    amap[20:30, 20:30] += 0.6  # a lesion
+    spread = (amap * 0.3).astype(np.float32)
+    paths = []
+    for scale in (1.0, 1e-3):
+        paths.append(
+            preview.save_preview(
+                tmp_path / f"p{scale}.png", vol, vol, amap * scale, [0, 2], uncertainty=spread * scale
+            )
+        )
+        # the map panels' limits are 0 .. the 99.5th percentile of the shown slices' positive values
+        shown = (amap * scale)[..., [0, 2]]
+        hi = np.percentile(shown[shown > 0].astype(np.float64), 99.5)
+        image = captured[-1].axes[2].images[0]
+        assert image.get_clim() == pytest.approx((0.0, hi), rel=1e-6)
+        assert image.get_clim()[1] == pytest.approx(display_range(shown)[1], rel=1e-9)
+    small, large = (imread(p) for p in paths)
+    assert small.shape == large.shape
+    diff = np.abs(small.astype(np.float64) - large.astype(np.float64))
+    assert diff.max() <= 2 / 255 and (diff > 0).mean() < 1e-3

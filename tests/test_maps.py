@@ -55,7 +55,7 @@ def test_map_in_unit_range_and_zero_outside_foreground():
     img, fg = _brain()
     rng = np.random.default_rng(1)
     restoration = rng.random(img.shape).astype(np.float32)  # very different: SSIM can go negative
-    m = anomaly_map(restoration, img, fg)
+    m = anomaly_map(restoration, img, fg, faithful=False)
     assert m.min() >= 0.0 and m.max() <= 1.0
     assert np.all(m[~fg] == 0)
     assert m[fg].mean() > 0.3
@@ -74,28 +74,42 @@ def test_map_is_high_where_the_restoration_differs():
     img, fg = _brain()
     restoration = img.copy()
     restoration[20:28, 20:28] = 0.1  # a "lesion" that the restoration removed
-    m = anomaly_map(restoration, img, fg)
-    assert m[22:26, 22:26].mean() > 10 * m[fg & (np.abs(np.mgrid[:48, :48] - 24).max(0) > 12)].mean()
+    far = fg & (np.abs(np.mgrid[:48, :48] - 24).max(0) > 12)
+    for faithful in (False, True):
+        m = anomaly_map(restoration, img, fg, faithful=faithful)
+        assert m[22:26, 22:26].mean() > 10 * m[far].mean()
 
 
 def test_faithful_constants_on_flat_regions():
     img = np.full((40, 40), 0.6, dtype=np.float32)
     restoration = np.full((40, 40), 0.5, dtype=np.float32)
     fg = np.ones_like(img, dtype=bool)
-    default = anomaly_map(restoration, img, fg)[20, 20]
+    unit = anomaly_map(restoration, img, fg, faithful=False)[20, 20]
     faithful = anomaly_map(restoration, img, fg, faithful=True)[20, 20]
     # flat: only the luminance term, 1 - (2ab + C1) / (a^2 + b^2 + C1) = (a - b)^2 / (a^2 + b^2 + C1)
-    assert default == pytest.approx(0.01 / (0.61 + 1e-4), rel=1e-4)
+    assert unit == pytest.approx(0.01 / (0.61 + 1e-4), rel=1e-4)
     assert faithful == pytest.approx(0.01 / (0.61 + (0.01 * 255) ** 2), rel=1e-4)
-    assert faithful < default / 10
+    assert faithful < unit / 10
+
+
+def test_default_constants_are_the_references():
+    """The default map (and the restore settings') uses data range 255, as the reference release."""
+    from pseudohealthy.engine.settings import RestoreSettings
+
+    img, fg = _brain()
+    restoration = img.copy()
+    restoration[18:30, 18:30] = 0.9
+    expected = np.clip(1 - _ssim_reference(restoration, img, 255.0), 0, 1) * fg
+    np.testing.assert_allclose(anomaly_map(restoration, img, fg), expected, atol=1e-6)
+    assert RestoreSettings().faithful_ssim is True
 
 
 def test_faithful_constants_hide_texture_changes_at_equal_mean():
     img, fg = _brain(seed=2)
     other, _ = _brain(seed=3)  # same mean level, different texture
-    default = anomaly_map(other, img, fg)
+    unit = anomaly_map(other, img, fg, faithful=False)
     faithful = anomaly_map(other, img, fg, faithful=True)
-    assert default[fg].mean() > 0.2
+    assert unit[fg].mean() > 0.2
     assert faithful[fg].mean() < 1e-3
 
 
@@ -159,3 +173,28 @@ def test_member_disagreement_is_the_spread_of_the_member_maps():
     assert not member_disagreement(members[:1]).any()  # one member: no disagreement
     with pytest.raises(ValueError):
         member_disagreement(np.zeros(3))
+
+
+def test_display_range_follows_the_map_at_both_scales():
+    """0 .. the 99.5th percentile of the map over its foreground, for maps of either constants."""
+    from pseudohealthy.figures.ranges import display_range
+
+    img, fg = _brain()
+    restoration = img.copy()
+    restoration[18:30, 18:30] = 0.9
+    maps = {f: anomaly_map(restoration, img, fg, faithful=f) for f in (False, True)}
+    for m in maps.values():
+        lo, hi = display_range(m, fg)
+        assert lo == 0.0 and hi == pytest.approx(np.percentile(m[fg].astype(np.float64), 99.5))
+        assert 0 < hi <= m.max()
+        # None: the map's positive pixels (0 outside the brain and on slices not restored)
+        assert display_range(m)[1] == pytest.approx(np.percentile(m[m > 0].astype(np.float64), 99.5))
+        # the range scales with the map
+        assert display_range(m * 1e-3, fg)[1] == pytest.approx(hi * 1e-3, rel=1e-6)
+    assert display_range(maps[True], fg)[1] < display_range(maps[False], fg)[1] / 10
+    # non-finite values are ignored; an empty map gets (0, 1)
+    with_nan = maps[True].copy()
+    with_nan[0, 0] = np.nan
+    assert display_range(with_nan)[1] == pytest.approx(display_range(maps[True])[1], rel=1e-3)
+    assert display_range(np.zeros((8, 8))) == (0.0, 1.0)
+    assert display_range(np.full((8, 8), np.nan)) == (0.0, 1.0)

@@ -13,6 +13,7 @@ from pseudohealthy.device import (
     autocast,
     autocast_dtype,
     available_devices,
+    cpu_supports_bf16,
     resolve_device,
 )
 from pseudohealthy.model.network import (
@@ -247,12 +248,12 @@ def test_available_devices_and_precision() -> None:
     devices = available_devices()
     assert devices[0] == "auto" and devices[-1] == "cpu"
     assert len(devices) == 2 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    assert autocast_dtype("cpu") is None
+    assert autocast_dtype("cpu") is (torch.bfloat16 if cpu_supports_bf16() else None)  # auto
     assert autocast_dtype("cpu", "fp32") is None
     assert autocast_dtype("cpu", "fp16") is torch.float16
     with pytest.raises(DeviceError):
         autocast_dtype("cpu", "fp8")
-    with autocast("cpu") as dtype:
+    with autocast("cpu", "fp32") as dtype:
         assert dtype is None and not torch.is_autocast_enabled("cpu")
     with autocast("cpu", "bf16") as dtype:
         assert dtype is torch.bfloat16 and torch.is_autocast_enabled("cpu")

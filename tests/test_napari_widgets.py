@@ -145,7 +145,6 @@ def test_restore_end_to_end(
         np.testing.assert_allclose(out.translate, layer.translate)
         assert out.units == layer.units and out.axis_labels == layer.axis_labels
     assert anomaly.colormap.name == "magma" and anomaly.blending == "additive"
-    assert tuple(anomaly.contrast_limits) == (0.0, 1.0)
     assert mask.data.dtype == np.uint8
 
     rec = record(anomaly)
@@ -163,9 +162,16 @@ def test_restore_end_to_end(
         "status",
         "requested_slices",
         "ensemble_threshold",
+        "ensemble_threshold_skipped",
     }
     restored = np.zeros(layer.data.shape[2], dtype=bool)
     restored[[19, 20, 21]] = True
+    # colour limits from the map: 0 .. the 99.5th percentile of its restored foreground
+    for out in (anomaly, spread):
+        values = out.data[:, :, restored]
+        hi = np.percentile(values[values > 0].astype(np.float64), 99.5)
+        assert tuple(out.contrast_limits) == pytest.approx((0.0, hi), rel=1e-6)
+        assert tuple(out.contrast_limits_range) == pytest.approx((0.0, hi), rel=1e-6)
     assert np.all(np.abs(pseudo.data[:, :, restored]).reshape(-1, 3).max(axis=0) > 0)
     assert np.all(anomaly.data[:, :, restored].reshape(-1, 3).max(axis=0) > 0)
     # unrestored slices: NaN (transparent) in the pseudo-healthy image, 0 in the maps
@@ -260,13 +266,15 @@ def test_threshold_suggestion_from_validation(
     make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
 ) -> None:
     """The suggestion is the mean of the members' ``validation.best_threshold`` (what training
-    records); keys no writer writes (``threshold``, ``validation.threshold``) are not read."""
+    records) measured with the run's SSIM constants; keys no writer writes (``threshold``,
+    ``validation.threshold``) are not read."""
     decoys = {"threshold": 0.9, "validation": {"threshold": 0.8}}
+    faithful = {"threshold": 0.8, "faithful_ssim": True}
     ensemble = _with_info(
         tiny_ensemble,
         tmp_path / "ens",
-        fold0={**decoys, "validation": {"threshold": 0.8, "best_threshold": 0.3}},
-        fold1={**decoys, "validation": {"threshold": 0.8, "best_threshold": 0.4}},
+        fold0={**decoys, "validation": {**faithful, "best_threshold": 0.3}},
+        fold1={**decoys, "validation": {**faithful, "best_threshold": 0.4}},
     )
     viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
     widget = RestoreWidget(viewer)
@@ -285,9 +293,23 @@ def test_threshold_suggestion_from_validation(
     # the suggestion follows the checked members
     widget.member_list.item(1).setCheckState(Qt.CheckState.Unchecked)
     assert widget.validation_threshold() == pytest.approx(0.3)
+    assert widget.validation_threshold(faithful_ssim=False) is None  # measured on other maps
     # members that record no best threshold give no validation suggestion
     assert widget.set_ensemble(_with_info(tiny_ensemble, tmp_path / "plain", fold0=decoys, fold1=decoys))
     assert widget.validation_threshold() is None
+    # thresholds of unit-constant validation maps (no faithful_ssim recorded) are not used on the
+    # run's reference-constant maps: the next rule applies and the rule text says why
+    unit = {"validation": {"best_threshold": 0.3}}
+    assert widget.set_ensemble(_with_info(tiny_ensemble, tmp_path / "unit", fold0=unit, fold1=unit))
+    assert widget.validation_threshold() is None
+    assert widget.validation_threshold(faithful_ssim=False) == pytest.approx(0.3)
+    _start(widget, qtbot, sampler="ddim", steps=2, mode="current")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert (
+        record(anomaly)["ensemble_threshold"] is None and record(anomaly)["ensemble_threshold_skipped"] == 2
+    )
+    assert record(mask)["threshold_rule"] != "validation"
+    assert "2 member validation threshold(s) not used: other SSIM constants" in threshold.suggest_label.text()
 
 
 def test_cancel_keeps_finished_slices(
@@ -394,7 +416,7 @@ def test_threshold_slider_updates_mask_and_plot_jumps(
     calm = outputs.anomaly.data[:, :, [10, 11, 12]]
     assert widget.suggested == pytest.approx(np.percentile(calm[calm > 0], 99))
     qtbot.mouseClick(widget.suggest_button, Qt.MouseButton.LeftButton)
-    assert widget.threshold() == pytest.approx(round(widget.suggested, 3))
+    assert widget.threshold() == pytest.approx(widget.suggested)
     np.testing.assert_array_equal(outputs.mask.data, outputs.anomaly.data > widget.threshold())
     # a threshold from the ensemble's validation metadata wins over the percentile
     set_record(outputs.anomaly, ensemble_threshold=0.42)
@@ -407,6 +429,41 @@ def test_threshold_slider_updates_mask_and_plot_jumps(
     pos = QPoint(round(x / ratio), round((widget.canvas.figure.bbox.height - y) / ratio))
     qtbot.mouseClick(widget.canvas, Qt.MouseButton.LeftButton, pos=pos)
     assert current_axial_index(viewer, layer, layer_frame(layer)) == 25
+
+
+def test_slider_resolves_reference_constant_maps(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot
+) -> None:
+    """On a map with the reference's SSIM constants (values of order 1e-3) the slider spans the
+    map's range finely enough to put a threshold between two map values 1e-4 apart."""
+    from pseudohealthy.engine.maps import anomaly_map
+
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    outputs = ensure_outputs(viewer, layer, (0.0, 1.0))
+    image = np.asarray(layer.data[:, :, 20], dtype=np.float64)
+    image = (image - image.min()) / (image.max() - image.min())
+    restoration = image.copy()
+    restoration[20:35, 25:40] *= 0.5  # a "lesion" the restoration removed
+    amap = anomaly_map(restoration, image, image > 0, faithful=True)
+    outputs.anomaly.data[:, :, 20] = amap
+    run = RunRecord("ensemble", [], {}, "cpu", slice_scores={20: float(amap.mean())})
+    set_record(outputs.anomaly, **run.to_dict())
+    widget = ThresholdWidget(viewer)
+    hi = np.percentile(amap[amap > 0].astype(np.float64), 99.5)
+    assert hi < 0.05 and widget.slider.maximum() == pytest.approx(max(hi, widget.threshold()), rel=1e-6)
+    assert widget.slider.singleStep() < 1e-4 / 2
+    # two map values 1e-4 apart in the upper half of the range, and a threshold between them
+    values = np.unique(amap[amap > 0.5 * hi])
+    gaps = np.flatnonzero(np.diff(values) < 1e-4)
+    a, b = values[gaps[0]], values[gaps[0] + 1]
+    widget.set_threshold(float((a + b) / 2))
+    np.testing.assert_array_equal(outputs.mask.data[:, :, 20], amap > (a + b) / 2)
+    assert outputs.mask.data[:, :, 20].sum() == (amap >= b).sum()
+    # the suggestion is applied as it is, not rounded to the slider's old 3 decimals
+    assert widget.suggested is not None
+    qtbot.mouseClick(widget.suggest_button, Qt.MouseButton.LeftButton)
+    assert widget.threshold() == pytest.approx(widget.suggested, rel=1e-9)
+    assert f"{widget.suggested:.4g}" in widget.suggest_label.text()
 
 
 def test_view_command_opens_scan_with_widgets(

@@ -11,9 +11,24 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
+from recompute import (
+    MASK_THRESHOLD,
+    assert_close,
+    canonical,
+    intensity_scores,
+    mask,
+    padded_frame,
+    pixel_metrics,
+    slice_metrics,
+)
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REFERENCE = SHARED_DATA.parent / "REFERENCE.md"  # the reference facts, beside the shared data
+REFERENCE_COLUMNS = ("ap_image", "auroc", "ap_pixel", "best_dice")  # its Table 1: AP_i, AUROC, AP_p, [Dsc]
 METRICS = ("ap_image", "auroc", "ap_pixel", "best_dice", "dice_at_5fpr", "n_slices")
 
 
@@ -102,16 +117,100 @@ def _check_arms(out: Path, stdout: str, *, tests: list[str], n_per_test: int) ->
     return results
 
 
+def _published() -> dict[str, dict[str, float]]:
+    """Table 1 of the paper as REFERENCE.md gives it: dataset (first word) -> metrics."""
+    assert REFERENCE.is_file(), f"{REFERENCE} absent (it lies beside the shared data)"
+    text = REFERENCE.read_text().split("## Published results", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    return {
+        cells[0].split()[0]: dict(zip(REFERENCE_COLUMNS, map(float, cells[1:5]), strict=True))
+        for cells in rows[1:]
+    }
+
+
+def _check_paper_rows(out: Path, results: dict, datasets: tuple[str, ...]) -> None:
+    """The paper rows of the table are REFERENCE.md's Table 1, not numbers typed into the test."""
+    published, table = _published(), (out / "table.md").read_text().splitlines()
+    assert len(results["paper_table1"]) == len(datasets)
+    for (label, metrics), dataset in zip(results["paper_table1"].items(), datasets, strict=True):
+        assert dataset in label and metrics == published[dataset], (label, metrics)
+        (row,) = [line for line in table if line.startswith(f"| {label} |")]
+        assert [c.strip() for c in row.split("|")[2:6]] == [f"{metrics[k]:.3f}" for k in REFERENCE_COLUMNS]
+
+
+def _check_recomputed(results: dict, files: dict[str, tuple[Path, Path, Path]], *, invert: bool) -> None:
+    """Each arm's reported metrics equal scikit-learn's on the maps it saved, and the intensity
+    baseline's on the scans' clipped intensity (tolerance 1e-9): pooled over the reported slices
+    of every test scan, read with nibabel, padded to a square and resized to the evaluation size
+    (``files``: test label -> scan, lesion mask, brain mask)."""
+    size = results["settings"]["size"]
+    labels, base, maps = [], [], {arm: [] for arm in results["arms"]}
+    for test, slices in results["slices"].items():
+        scan, lesion, brain = files[test]
+        labels.append(padded_frame(mask(lesion), slices, size) > MASK_THRESHOLD)
+        scores = intensity_scores(canonical(scan), mask(brain), invert=invert)
+        base.append(np.clip(padded_frame(scores, slices, size), 0.0, 1.0))
+        for arm, info in results["arms"].items():
+            (path,) = Path(info["restore_dir"], test).glob("*_anomaly.nii.gz")
+            maps[arm].append(np.clip(padded_frame(canonical(path), slices, size), 0.0, 1.0))
+    truth = np.concatenate(labels)
+    assert truth.any() and not truth.all()
+    for name, found in [*maps.items(), ("intensity_baseline", base)]:
+        reported = results[name] if name == "intensity_baseline" else results["arms"][name]["metrics"]
+        pooled = np.concatenate(found)
+        assert_close(reported, pixel_metrics(pooled, truth) | slice_metrics(pooled, truth), 1e-9, name)
+
+
+CONTRAST_KEYS = ("map_in_lesion", "map_in_other_brain", "change_in_lesion", "abs_change_in_other_brain")
+
+
+def _check_contrast(results: dict, files: dict[str, tuple[Path, Path, Path]]) -> None:
+    """Each arm's lesion contrast equals numpy's on the maps and restorations it saved, in the scans'
+    grid over the reported slices (relative tolerance 1e-5: the script sums float32 voxels)."""
+    for arm, info in results["arms"].items():
+        found: dict[str, list[np.ndarray]] = {key: [] for key in CONTRAST_KEYS}
+        for test, slices in results["slices"].items():
+            scan, lesion, brain = files[test]
+            image, les, inside = canonical(scan), mask(lesion), mask(brain)
+            (path,) = Path(info["restore_dir"], test).glob("*_anomaly.nii.gz")
+            amap = canonical(path)
+            change = canonical(str(path).replace("_anomaly.", "_pseudohealthy.")) - image
+            change /= np.percentile(image[inside], 99)
+            restored = np.zeros_like(inside)
+            restored[:, :, slices] = True
+            in_lesion, other = les & inside & restored, ~les & inside & restored
+            for key, values in zip(
+                CONTRAST_KEYS,
+                (amap[in_lesion], amap[other], change[in_lesion], np.abs(change[other])),
+                strict=True,
+            ):
+                found[key].append(values)
+        for key, values in found.items():
+            expected = float(np.concatenate(values).mean())
+            assert math.isclose(info["lesion_contrast"][key], expected, rel_tol=1e-5), (arm, key, expected)
+
+
 @pytest.mark.slow
 def test_protocol_brats_tiny_runs_every_arm(brats_run: tuple[Path, str]) -> None:
     out, stdout = brats_run
     results = _check_arms(out, stdout, tests=["brats_2013_pat0006_1"], n_per_test=3)
     assert len(results["split"]["train"]) == 3 and "brats_2013_pat0006_1" not in results["split"]["train"]
-    assert "| 0.740 |" in (out / "table.md").read_text()  # the paper's BraTS-T2 AP_p beside ours
+    _check_paper_rows(out, results, ("BraTS-T2", "BraTS-T1"))
     for info in results["arms"].values():
         assert Path(
             info["restore_dir"], "brats_2013_pat0006_1", "Flair_subtrMeanDivStd_anomaly.nii.gz"
         ).is_file()
+
+
+@pytest.mark.slow
+def test_protocol_brats_metrics_recompute(brats_run: tuple[Path, str], shared_data: Path) -> None:
+    out, _ = brats_run
+    folder = shared_data / "lesion" / "brats2013" / "brats_2013_pat0006_1"
+    names = ("Flair_subtrMeanDivStd", "OTMultiClass", "brainmask")  # scan, lesion, brain
+    files = {folder.name: tuple(folder / f"{name}.nii.gz" for name in names)}
+    results = json.loads((out / "results.json").read_text())
+    _check_recomputed(results, files, invert=False)
+    _check_contrast(results, files)
 
 
 def test_protocol_brats_reuses_given_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,15 +251,21 @@ def test_protocol_table_has_every_column() -> None:
     assert row == "| a | 0.500 | – | – | – | – | 7 |"
 
 
-@pytest.mark.slow
-def test_protocol_mslub_tiny_runs_every_arm(tmp_path: Path, shared_data: Path) -> None:
+@pytest.fixture(scope="module")
+def mslub_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[Path, str]:
     import SimpleITK  # noqa: F401  (the 'preprocess' extra, installed by setup.sh; fail loudly if missing)
 
     assert (shared_data / "lesion" / "mslub").is_dir(), "MSLUB scans absent from ../shared/data"
     assert (shared_data / "healthy" / "ixi_t1").is_dir(), "IXI T1 scans absent from ../shared/data"
-    proc = _run("protocol_mslub.py", tmp_path)
-    assert "$ pseudohealthy preprocess " in proc.stdout
-    results = _check_arms(tmp_path, proc.stdout, tests=["patient07", "patient19"], n_per_test=3)
+    out = tmp_path_factory.mktemp("protocol_mslub")
+    return out, _run("protocol_mslub.py", out).stdout
+
+
+@pytest.mark.slow
+def test_protocol_mslub_tiny_runs_every_arm(mslub_run: tuple[Path, str]) -> None:
+    tmp_path, stdout = mslub_run
+    assert "$ pseudohealthy preprocess " in stdout
+    results = _check_arms(tmp_path, stdout, tests=["patient07", "patient19"], n_per_test=3)
     assert results["intensity_baseline"]["invert"] is True  # T1: lesions are dark
     for arm in results["arms"].values():
         assert json.loads(Path(arm["eval_dir"], "metrics.json").read_text())["n_volumes"] == 2
@@ -170,7 +275,19 @@ def test_protocol_mslub_tiny_runs_every_arm(tmp_path: Path, shared_data: Path) -
     assert (tmp_path / "mslub_mni/patient07/T1_mask.nii.gz").is_file()
     train_files = [f for m in results["arms"]["ensemble"]["training"] for f in m["train_files"]]
     assert train_files and all("ixi_mni" in f and "IXI" in f for f in train_files)  # healthy IXI only
-    assert "| 0.250 |" in (tmp_path / "table.md").read_text()  # the paper's ATLAS T1 AP_p for orientation
+    _check_paper_rows(tmp_path, results, ("BraTS-T1", "ATLAS"))
+
+
+@pytest.mark.slow
+def test_protocol_mslub_metrics_recompute(mslub_run: tuple[Path, str]) -> None:
+    out, _ = mslub_run
+    results = json.loads((out / "results.json").read_text())
+    files = {
+        p: tuple(out / "mslub_mni" / p / f"T1_{f}.nii.gz" for f in ("preprocessed", "mask", "brainmask"))
+        for p in ("patient07", "patient19")
+    }
+    _check_recomputed(results, files, invert=True)  # T1: the baseline scores dark voxels
+    _check_contrast(results, files)
 
 
 def test_protocol_mslub_reuses_preprocessed_scans(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -238,3 +238,33 @@ def test_parse_slices() -> None:
     for bad in ("a:b", "1-3", ",", "7:3"):
         with pytest.raises(PseudohealthyError, match="--slices"):
             parse_slices(bad, 10)
+
+
+def test_ssim_flags(small_scan: Path, ensemble_dir: Path, tmp_path: Path, capsys) -> None:
+    """The reference's SSIM constants are the default (``--faithful-ssim`` still accepted);
+    ``--unit-ssim`` gives data range 1 maps; the record says which; the two flags exclude each other."""
+    maps, settings = {}, {}
+    for flag in ("", "--faithful-ssim", "--unit-ssim"):
+        out = tmp_path / (flag.strip("-") or "default")
+        extra = [flag] if flag else []
+        assert _restore(small_scan, "--ensemble", ensemble_dir, "-o", out, "--slices", "30", "--no-preview",
+                        *FAST, *extra) == 0  # fmt: skip
+        maps[flag] = nib.load(out / "flair_anomaly.nii.gz").get_fdata()
+        settings[flag] = json.loads((out / "flair_restore.json").read_text())["settings"]
+    assert [settings[f]["faithful_ssim"] for f in ("", "--faithful-ssim", "--unit-ssim")] == [
+        True,
+        True,
+        False,
+    ]
+    np.testing.assert_array_equal(maps[""], maps["--faithful-ssim"])
+    # the same restorations (same seed): constants 65,025 times larger give a far smaller map
+    assert 0 < maps[""].max() < maps["--unit-ssim"].max() / 10
+    with pytest.raises(SystemExit) as exc:
+        _restore(
+            small_scan, "--ensemble", ensemble_dir, "-o", tmp_path / "both", "--faithful-ssim", "--unit-ssim"
+        )
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["restore", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--unit-ssim" in text and "data range 255 on [0, 1] images (the default)" in text

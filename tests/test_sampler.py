@@ -8,7 +8,13 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from pseudohealthy.engine.defaults import BASELINE_T_START, DEFAULT_SAMPLER, DEFAULT_STEPS, default_steps
+from pseudohealthy.engine.defaults import (
+    BASELINE_T_START,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    default_steps,
+)
 from pseudohealthy.engine.sampler import SamplerPlan, denoise, sampler_timesteps, slice_noise
 from pseudohealthy.model.diffusion import Schedule
 from pseudohealthy.model.network import build_model
@@ -42,6 +48,8 @@ def test_sampler_timesteps() -> None:
             sampler_timesteps("ddpm", bad, Schedule())
     with pytest.raises(ValueError, match="sampler"):
         sampler_timesteps("euler", 10, Schedule())
+    assert sampler_timesteps("onepass", 3, Schedule()) == [999, 999, 999]  # K draws from pure noise
+    assert sampler_timesteps("ddpm", 50, Schedule(), "trailing")[:2] == [999, 979]
 
 
 def _seeded_noise(seeds: list[int]) -> torch.Tensor:
@@ -179,7 +187,7 @@ def test_slice_noise_is_per_slice() -> None:
     assert not torch.equal(batch[:, 0], batch[:, 1])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm", "onepass"])
 def test_result_of_a_slice_does_not_depend_on_the_batch(sampler: str) -> None:
     torch.manual_seed(0)
     model = build_model("tiny").eval()
@@ -232,3 +240,22 @@ def test_plan_is_the_one_rule_of_steps_draws_and_start() -> None:
             SamplerPlan.build("ddim", 10, sched, t_start=bad)
     with pytest.raises(ValueError, match="sampler"):
         default_steps("euler")
+    onepass = SamplerPlan.build("onepass", None, sched)
+    assert DEFAULT_STEPS["onepass"] == onepass.steps == onepass.n_draws == onepass.n_steps == 1
+    five = SamplerPlan.for_ensemble("onepass", 5, sched, conditioned=False)
+    assert five.timesteps == (BASELINE_T_START,) * 5 and five.n_draws == 5
+    assert SamplerPlan.build("ddpm", 4, sched).spacing == DEFAULT_SPACING == "leading"
+    trailing = SamplerPlan.build("ddpm", 4, sched, spacing="trailing")
+    assert trailing.timesteps == (999, 749, 499, 249) and trailing.n_draws == 4
+
+
+def test_settings_carry_the_spacing_to_the_plan() -> None:
+    from pseudohealthy.engine.settings import RestoreSettings, SettingsError
+
+    sched = Schedule()
+    settings = RestoreSettings(sampler="ddim", steps=4, spacing="trailing").validate()
+    assert settings.plan(sched, conditioned=True).timesteps == (999, 749, 499, 249)
+    assert settings.to_dict()["spacing"] == "trailing"
+    assert RestoreSettings(sampler="onepass").validate().steps == DEFAULT_STEPS["onepass"]
+    with pytest.raises(SettingsError, match="spacing"):
+        RestoreSettings(spacing="uniform").validate()

@@ -7,8 +7,17 @@ import sys
 from pathlib import Path
 
 from pseudohealthy.cli.batch import Batch, OutputSet, check_output_dir
-from pseudohealthy.engine.defaults import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, default_steps
+from pseudohealthy.engine.defaults import (
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    FAITHFUL_SSIM,
+    SAMPLERS,
+    SPACINGS,
+    default_steps,
+)
 from pseudohealthy.errors import PseudohealthyError
+from pseudohealthy.evaluation.choices import DEFAULT_FRAME, FRAMES, NATIVE_SIZE
 
 OUTPUTS = ("metrics.json", "pr_curve.png", "roc_curve.png")
 MAPS_DIR = "anomaly_maps"  # OUT/anomaly_maps/<name>_anomaly.nii.gz: maps restored here, for reuse
@@ -20,8 +29,11 @@ def register(subparsers) -> argparse.ArgumentParser:
         "evaluate",
         help="benchmark metrics (AP, AUROC, Dice) of anomaly maps on scans with lesion masks",
         description=(
-            "Evaluate pseudo-healthy anomaly maps against lesion masks in the benchmark's frame "
-            "(axial slices with brain, SIZE x SIZE, masks resized then > 0.4), pooled over all "
+            "Evaluate pseudo-healthy anomaly maps against lesion masks, pooled over all scans, in "
+            "the reference's model frame (--frame model: the ensemble's maps as restored, every "
+            "axial slice, masks resized then > 0.4, map zeroed where the input is 0, squares "
+            "cropped) or after the scan's grid (--frame native: SIZE x SIZE, slices with >= 1%% "
+            "brain, squares padded; the frame of maps read from --restorations), pooled over all "
             "scans: AP_i, AUROC (slice level), AP_p, best Dice and Dice at 5% FPR (pixel level), "
             "next to the intensity baseline (Meissen et al.). Maps come from --restorations "
             "(<name>_anomaly.nii.gz written by 'pseudohealthy restore', reused as they are) or "
@@ -58,16 +70,51 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     steps = ", ".join(f"{n} for {name}" for name, n in DEFAULT_STEPS.items())
     maps.add_argument("--steps", type=int, help=f"sampling steps (default: {steps})")
+    maps.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default=DEFAULT_SPACING,
+        help=f"timestep spacing of ddpm/ddim (default {DEFAULT_SPACING})",
+    )
     maps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     maps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     maps.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
-    maps.add_argument(
-        "--faithful-ssim", action="store_true", help="the reference's SSIM constants (max_val 255)"
+    ssim = maps.add_mutually_exclusive_group()
+    ssim.add_argument(
+        "--faithful-ssim",
+        dest="faithful_ssim",
+        action="store_const",
+        const=True,
+        default=FAITHFUL_SSIM,
+        help="the reference's SSIM constants, data range 255 on [0, 1] images"
+        + (" (the default)" if FAITHFUL_SSIM else ""),
+    )
+    ssim.add_argument(
+        "--unit-ssim",
+        dest="faithful_ssim",
+        action="store_const",
+        const=False,
+        help="SSIM constants of data range 1, the former default (maps span [0, 1])"
+        + ("" if FAITHFUL_SSIM else " (the default)"),
     )
     parser.add_argument(
         "--slices-per-volume", type=int, help="evaluate N evenly spaced slices per scan (quick runs)"
     )
-    parser.add_argument("--size", type=int, default=128, help="evaluation frame size (default 128)")
+    parser.add_argument(
+        "--frame",
+        choices=FRAMES,
+        help=f"evaluation frame (default {DEFAULT_FRAME}; native when maps are read from --restorations)",
+    )
+    parser.add_argument(
+        "--square",
+        metavar="MODE",
+        help="make slices square: crop or pad (default: crop in the model frame, pad in native)",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        help=f"native frame size (default {NATIVE_SIZE}; the model frame is the ensemble's)",
+    )
     parser.add_argument("--invert-baseline", action="store_true", help="baseline scores dark voxels (T1)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
     parser.add_argument(
@@ -98,7 +145,8 @@ def _check(args: argparse.Namespace, cases) -> None:
     from pseudohealthy.data.preprocess import check_image_size
 
     check_output_dir(args.output)
-    check_image_size(args.size, "--size")
+    if args.size is not None:
+        check_image_size(args.size, "--size")
     if args.slices_per_volume is not None and args.slices_per_volume < 1:
         raise PseudohealthyError(f"--slices-per-volume must be at least 1, got {args.slices_per_volume}")
     if args.steps is not None and args.steps < 1:
@@ -137,16 +185,39 @@ def _check_saved_maps(args: argparse.Namespace, cases, missing: list[str]) -> No
             )
 
 
+def _frame_rules(args: argparse.Namespace, cases):
+    """The frame's rules and the square to restore with (None: the ensemble's own, native)."""
+    from pseudohealthy.evaluation.frame import resolve_rules
+    from pseudohealthy.evaluation.testsets import find_restoration
+
+    reused = [c.name for c in cases if find_restoration(c, args.restorations) is not None]
+    from pseudohealthy.engine.settings import SQUARES
+
+    if args.square is not None and args.square not in SQUARES:
+        raise PseudohealthyError(f"--square must be one of {', '.join(SQUARES)}, got {args.square!r}")
+    rules = resolve_rules(args.frame, args.square, reused=bool(reused))
+    if rules.frame == "model" and reused:
+        raise PseudohealthyError(
+            f"--frame model scores maps as the ensemble restores them; those in {args.restorations} "
+            f"(for {', '.join(reused)}) are in the scan's grid: use --frame native or drop --restorations"
+        )
+    if rules.frame == "model" and args.size is not None:
+        raise PseudohealthyError("--size sets the native frame; the model frame is the ensemble's image size")
+    return rules, (rules.square if rules.frame == "model" else args.square)
+
+
 def _settings(args: argparse.Namespace):
     from pseudohealthy.engine.settings import RestoreSettings
 
     return RestoreSettings(
         sampler=args.sampler,
         steps=args.steps,
+        spacing=args.spacing,
         seed=args.seed,
         device=args.device,
         batch_size=args.batch_size,
         faithful_ssim=args.faithful_ssim,
+        square=args.restore_square,
     )
 
 
@@ -154,6 +225,7 @@ def _engine(args: argparse.Namespace) -> dict:
     return {
         "sampler": args.sampler,
         "steps": args.steps,
+        "spacing": args.spacing,
         "seed": args.seed,
         "device": args.device,
         "batch_size": args.batch_size,
@@ -165,7 +237,8 @@ def _missing(args: argparse.Namespace, cases) -> list[str]:
     """The cases without a map in --restorations; checked to be restorable."""
     from pseudohealthy.evaluation.testsets import find_restoration
 
-    missing = [c.name for c in cases if find_restoration(c, args.restorations) is None]
+    model = args.rules.frame == "model"
+    missing = [c.name for c in cases if model or find_restoration(c, args.restorations) is None]
     if missing and args.ensemble is None:
         where = f"in {args.restorations}" if args.restorations else "anywhere"
         raise PseudohealthyError(
@@ -207,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = bool(getattr(args, "quiet", False))
     cases = _cases(args)
     _check(args, cases)
+    args.rules, args.restore_square = _frame_rules(args, cases)
     missing = _missing(args, cases)
     if args.steps is None:
         args.steps = default_steps(args.sampler)
@@ -228,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         save_dir=out_dir / MAPS_DIR if missing else None,
         overwrite=args.overwrite,
         on_error=lambda exc, name: batch.fail(exc, name),
+        rules=args.rules,
     )
 
     def bar(it):
@@ -241,12 +316,19 @@ def run(args: argparse.Namespace) -> int:
         "restored": missing,
         "engine": _engine(args) if missing else None,
         "slices_per_volume": args.slices_per_volume,
-        "size": args.size,
+        "size": args.size if args.rules.frame == "native" else None,
         "invert_baseline": bool(args.invert_baseline),
     }
     try:
         result = evaluate_maps(
-            entries, size=args.size, invert_baseline=args.invert_baseline, progress=bar, settings=settings
+            entries,
+            size=args.size or NATIVE_SIZE,
+            square=args.rules.square,
+            min_foreground=args.rules.min_foreground,
+            rules=args.rules,
+            invert_baseline=args.invert_baseline,
+            progress=bar,
+            settings=settings,
         )
     except MetricsError:
         if not batch.failed:

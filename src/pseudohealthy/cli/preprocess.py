@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     reg.backend()  # a missing SimpleITK is reported before any work
     template = reg.load_template(args.template, args.template_mask)
     settings = reg.RegistrationSettings(dof=args.transform, seed=args.seed)
+
     def echo(line: str) -> None:
         tqdm.write(line, file=sys.stderr)
 

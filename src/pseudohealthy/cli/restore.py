@@ -14,9 +14,12 @@ from pseudohealthy.engine.defaults import (
     BASELINE_T_START,
     COMPILE_MODES,
     DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
     DEFAULT_STEPS,
+    FAITHFUL_SSIM,
     PRECISIONS,
     SAMPLERS,
+    SPACINGS,
 )
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
@@ -61,6 +64,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     steps = ", ".join(f"{n} for {s}" for s, n in DEFAULT_STEPS.items())
     parser.add_argument("--steps", type=int, help=f"sampler steps (default {steps}) — one network call each")
+    parser.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default=DEFAULT_SPACING,
+        help=f"timestep spacing of ddpm/ddim (default {DEFAULT_SPACING}; trailing starts at T-1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument(
@@ -78,8 +87,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--member-maps", action="store_true", help="also write <name>_anomaly_<member>.nii.gz"
     )
-    parser.add_argument(
-        "--faithful-ssim", action="store_true", help="the reference's SSIM constants (data range 255)"
+    ssim = parser.add_mutually_exclusive_group()
+    ssim.add_argument(
+        "--faithful-ssim",
+        dest="faithful_ssim",
+        action="store_const",
+        const=True,
+        default=FAITHFUL_SSIM,
+        help="the reference's SSIM constants, data range 255 on [0, 1] images"
+        + (" (the default)" if FAITHFUL_SSIM else ""),
+    )
+    ssim.add_argument(
+        "--unit-ssim",
+        dest="faithful_ssim",
+        action="store_const",
+        const=False,
+        help="SSIM constants of data range 1, the former default (maps span [0, 1])"
+        + ("" if FAITHFUL_SSIM else " (the default)"),
     )
     parser.add_argument(
         "--slices",
@@ -313,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     Returns 0, or 2 after a count when any scan failed.
     """
     from pseudohealthy.data.sample import resolve_ensemble
-    from pseudohealthy.device import resolve_device
+    from pseudohealthy.device import describe_precision, resolve_device
     from pseudohealthy.engine.settings import RestoreSettings
     from pseudohealthy.model.checkpoint import Ensemble
 
@@ -321,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
     settings = RestoreSettings(
         sampler=args.sampler,
         steps=args.steps,  # None: the sampler's default
+        spacing=args.spacing,
         seed=args.seed,
         device=str(resolve_device(args.device)),
         batch_size=args.batch_size,
@@ -330,6 +355,8 @@ def run(args: argparse.Namespace) -> int:
         t_start=args.t_start,
         compile=args.compile,
     ).validate()
+    if not getattr(args, "quiet", False):
+        print(describe_precision(settings.device, settings.precision), file=sys.stderr)
     scans = collect_scans(list(args.scans))
     if not scans:
         raise PseudohealthyError("no scans to restore")

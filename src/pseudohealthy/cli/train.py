@@ -30,7 +30,15 @@ _FIELDS = {
     "val_fraction": "val_fraction",
     "log_every": "log_every",
     "step_delay": "step_delay",
+    "prediction": "prediction",
+    "zero_snr": "zero_snr",
+    "centred": "centred",
+    "init_from": "init_from",
+    "init_seed": "init_seed",
+    "val_start": "val_start",
+    "val_fresh": "val_fresh",
 }
+_PER_FOLD = "fold"  # --init-seed fold: initialise each fold from its own member seed
 _NOT_FROM_SAVED = ("device", "quiet", "step_delay", "num_workers")
 
 
@@ -93,9 +101,59 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--include", action="append", default=[], metavar="GLOB", help="only matching files")
     parser.add_argument("--inter-dir", type=Path, help="images of another modality for poisson_inter")
     parser.add_argument("--norm", choices=("max", "percentile"), help="intensity normalisation (default max)")
+    _add_model_options(parser)
     parser.add_argument("--step-delay", type=float, help=argparse.SUPPRESS)  # testing aid
     parser.set_defaults(func=run)
     return parser
+
+
+def _init_seed(text: str) -> int | str:
+    if text.strip().lower() == _PER_FOLD:
+        return _PER_FOLD
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or '{_PER_FOLD}', got {text!r}") from None
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The diffusion target, model range, initial weights and validation protocol options."""
+    parser.add_argument(
+        "--prediction", help="what the network predicts: epsilon (default, the reference's), v or sample"
+    )
+    parser.add_argument(
+        "--zero-snr",
+        action="store_true",
+        default=None,
+        help="rescale the noise schedule to a zero terminal SNR (needs --prediction v or sample)",
+    )
+    parser.add_argument(
+        "--centred",
+        action="store_true",
+        default=None,
+        help="model range [-1, 1], as older pseudohealthy checkpoints (default: [0, 1], the reference's)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="MEMBER_DIR",
+        help="start from the weights of a trained member (same architecture, prediction and range)",
+    )
+    parser.add_argument(
+        "--init-seed",
+        type=_init_seed,
+        metavar="N|fold",
+        help="seed of the network initialisation, shared by all folds (default 42, the reference's); "
+        "'fold': each fold its own",
+    )
+    parser.add_argument(
+        "--val-start", type=int, metavar="STEP", help="no validation before STEP (default: per preset)"
+    )
+    parser.add_argument(
+        "--val-fresh",
+        action=argparse.BooleanOptionalAction,
+        help="corrupt the held-out slices afresh at every validation (default: per preset)",
+    )
 
 
 def parse_folds(fold: int | None, folds: str | None) -> list[int]:
@@ -148,8 +206,11 @@ def _config(args: argparse.Namespace, folds: list[int], device_type: str) -> Any
     from pseudohealthy.training.state import read_saved_config
 
     given = {field: getattr(args, opt) for opt, field in _FIELDS.items() if getattr(args, opt) is not None}
-    if "inter_dir" in given:
-        given["inter_dir"] = str(given["inter_dir"])
+    for name in ("inter_dir", "init_from"):
+        if name in given:
+            given[name] = str(given[name].resolve() if name == "init_from" else given[name])
+    if given.get("init_seed") == _PER_FOLD:
+        given["init_seed"] = None
     saved: dict[str, Any] = {}
     if args.resume:
         for fold in folds:
@@ -198,11 +259,12 @@ def run(args: argparse.Namespace) -> int:
     """Load the data once, then train each fold; returns 0."""
     from pseudohealthy.data.dataset import HealthySlices, collect_training_scans
     from pseudohealthy.training.distributed import init_distributed
-    from pseudohealthy.training.loop import train_ensemble
+    from pseudohealthy.training.loop import check_init_source, train_ensemble
 
     folds = parse_folds(args.fold, args.folds)
     dist_info, device = init_distributed(args.device)
     config = _config(args, folds, device.type)
+    check_init_source(config)
     _check_outputs(args, folds)
     scans = collect_training_scans(
         args.data, args.brain_mask_pattern, exclude=args.exclude, include=args.include

@@ -10,19 +10,31 @@ __all__ = [
     "BASELINE_T_START",
     "COMPILE_MODES",
     "DEFAULT_SAMPLER",
+    "DEFAULT_SPACING",
     "DEFAULT_STEPS",
+    "FAITHFUL_SSIM",
     "PRECISIONS",
     "SAMPLERS",
+    "SPACINGS",
     "default_steps",
 ]
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
-"""Sampler names (:mod:`pseudohealthy.engine.sampler`), in the order the faces offer them."""
+SAMPLERS = ("ddpm", "ddim", "dpm", "onepass")
+"""Sampler names (:mod:`pseudohealthy.engine.sampler`), in the order the faces offer them.
+"onepass": ``steps`` = K independent single network passes from pure noise, the mean of their
+x0 estimates (as DISYRE averages its draws)."""
 
-DEFAULT_STEPS = {"ddpm": 50, "ddim": 10, "dpm": 20}
+DEFAULT_STEPS = {"ddpm": 50, "ddim": 10, "dpm": 20, "onepass": 1}
 """Steps (network calls per member and slice) when none are given: DDPM 50 is the paper's;
 DDIM 10 stayed within 0.01 AP_p of it on the synthetic validation anomalies
-(``benchmarks/bench_steps.py``, README "Fewer sampler steps")."""
+(``benchmarks/bench_steps.py``, README "Fewer sampler steps"); onepass: one draw."""
+
+SPACINGS = ("leading", "trailing")
+"""Timestep spacings of ``ddpm`` / ``ddim`` (Lin et al. 2024, Table 2): "leading" strides from 0
+(50 steps: 980, ..., 0, as the reference), "trailing" from ``T - 1`` (999, 979, ..., 19)."""
+
+DEFAULT_SPACING = "leading"
+"""The spacing when none is named (the reference's)."""
 
 DEFAULT_SAMPLER = "ddim"
 """The sampler of the command line, the viewer, ``evaluate`` and the demo when none is named."""
@@ -33,10 +45,16 @@ validation alike: the input is noised to t = 250 of 1000 and denoised from there
 et al. 2022: enough noise to remove lesions, little enough to keep the anatomy)."""
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-"""Autocast precisions (:func:`pseudohealthy.device.autocast_dtype`); "auto": bf16/fp16 on CUDA."""
+"""Autocast precisions (:func:`pseudohealthy.device.autocast_dtype`); "auto": bf16/fp16 on CUDA,
+bf16 on CPUs with amx_bf16/avx512_bf16 (Arm: bf16), fp32 on other CPUs."""
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 """``torch.compile`` modes for restoration (``reduce-overhead`` adds CUDA graphs on a GPU)."""
+
+FAITHFUL_SSIM = True
+"""The anomaly map's SSIM constants by default: the reference's (data range 255 on [0, 1] images,
+``engine.maps.anomaly_map(faithful=True)``) rather than data range 1, chosen on validation and dev
+slices (never the demo's test patient) by ``benchmarks/bench_ssim.py``."""
 
 
 def default_steps(sampler: str) -> int:

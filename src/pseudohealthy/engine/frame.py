@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from pseudohealthy.device import autocast
+from pseudohealthy.engine.defaults import FAITHFUL_SSIM
 from pseudohealthy.engine.maps import anomaly_map, ensemble_map, member_disagreement, slice_scores
 from pseudohealthy.engine.sampler import SamplerPlan, denoise, slice_noise, slice_seed
 from pseudohealthy.errors import NonFiniteError
-from pseudohealthy.model.diffusion import Schedule, from_model_range, to_model_range
+from pseudohealthy.model.diffusion import Schedule
 
 __all__ = [
     "FrameResult",
@@ -115,7 +116,7 @@ def restore_frame_steps(
     conditioned: bool,
     device: torch.device | str = "cpu",
     precision: str = "auto",
-    faithful_ssim: bool = False,
+    faithful_ssim: bool = FAITHFUL_SSIM,
 ) -> Iterator[int | FrameResult]:
     """Restore model-frame slices with every member in lockstep.
 
@@ -130,7 +131,7 @@ def restore_frame_steps(
     images = np.asarray(images, dtype=np.float32)
     noise, seeds = batch_noise(names, indices, seed, plan.n_draws, (1, *images.shape[1:]), device)
     x01 = torch.from_numpy(np.ascontiguousarray(images)[:, None]).to(device)
-    cond = to_model_range(x01)
+    cond = schedule.to_model(x01)
     x_start = cond if plan.t_start is not None else None
     model_cond = cond if conditioned else None
     runs = [
@@ -146,7 +147,7 @@ def restore_frame_steps(
         for run in runs:
             run.close()
     check_finite(xs, names)
-    yield _frame_result(xs, images, masks, seeds, faithful_ssim)
+    yield _frame_result([schedule.from_model(x.float()) for x in xs], images, masks, seeds, faithful_ssim)
 
 
 def check_finite(xs: Sequence[torch.Tensor], names: Sequence[str]) -> None:
@@ -163,7 +164,7 @@ def check_finite(xs: Sequence[torch.Tensor], names: Sequence[str]) -> None:
 def _frame_result(
     xs: list[torch.Tensor], images: np.ndarray, masks: np.ndarray, seeds: list[list[int]], faithful: bool
 ) -> FrameResult:
-    rest = np.stack([from_model_range(x.float())[:, 0].cpu().numpy() for x in xs])  # (M, B, S, S)
+    rest = np.stack([x[:, 0].cpu().numpy() for x in xs])  # (M, B, S, S) in [0, 1]
     masks = np.asarray(masks, dtype=bool)
     member_maps = np.stack([anomaly_map(r, images, masks, faithful=faithful) for r in rest])
     maps = ensemble_map(member_maps, masks)

@@ -6,6 +6,11 @@ use_sample_covariance=False`` (Wang et al. 2004). scikit-image truncates that Ga
 statistics at the border use reflected padding (``mode="reflect"``), so the map covers the
 whole slice. Computed in float64 (float32 loses ~3e-5 to cancellation in the variances):
 about 1.2 ms per 128x128 slice on one CPU core, so no vectorised re-implementation is needed.
+
+The default constants are the reference's (:data:`~pseudohealthy.engine.defaults.FAITHFUL_SSIM`,
+data range 255 on [0, 1] images: ``benchmarks/bench_ssim.py`` chose them): maps are then small
+(of order 1e-3), so every display takes its range from the map
+(:func:`pseudohealthy.figures.ranges.display_range`), never [0, 1].
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from collections.abc import Iterable
 
 import numpy as np
 from skimage.metrics import structural_similarity
+
+from pseudohealthy.engine.defaults import FAITHFUL_SSIM
 
 __all__ = [
     "DATA_RANGE",
@@ -46,7 +53,7 @@ def anomaly_map(
     image: np.ndarray,
     foreground: np.ndarray | None,
     *,
-    faithful: bool = False,
+    faithful: bool = FAITHFUL_SSIM,
 ) -> np.ndarray:
     """``clamp(1 - SSIM(restoration, image), 0, 1)`` per pixel, 0 outside the foreground.
 
@@ -54,13 +61,14 @@ def anomaly_map(
     compared on its own; CPU torch tensors work too). ``foreground`` is a bool array of that
     shape; ``None`` uses ``image > 0``, the reference's rule.
 
-    Default constants use ``data_range=1`` (C1 = 0.01^2, C2 = 0.03^2), right for [0, 1] images.
-    ``faithful=True`` reproduces the reference release, which passes ``max_val=255`` on [0, 1]
-    images: ``data_range=255`` gives C1 = 6.5 and C2 = 58.5, far larger than any local
-    (co)variance of a [0, 1] image: SSIM stays close to 1 and the map is about
-    ``(mean_r - mean_i)^2 / C1 + var(r - i) / C2`` in local Gaussian windows, i.e. a smoothed
-    squared error (at most ~0.13, usually of order 1e-3; rankings, and so AP, still work).
-    Returns float32 of the input shape.
+    ``faithful=True`` (the default, :data:`~pseudohealthy.engine.defaults.FAITHFUL_SSIM`)
+    reproduces the reference release, which passes ``max_val=255`` on [0, 1] images:
+    ``data_range=255`` gives C1 = 6.5 and C2 = 58.5, far larger than any local (co)variance of a
+    [0, 1] image: SSIM stays close to 1 and the map is about ``(mean_r - mean_i)^2 / C1 +
+    var(r - i) / C2`` in local Gaussian windows, i.e. a smoothed squared error (at most ~0.13,
+    usually of order 1e-3; rankings, and so AP, still work). ``faithful=False`` uses
+    ``data_range=1`` (C1 = 0.01^2, C2 = 0.03^2), textbook SSIM of [0, 1] images, whose maps
+    span [0, 1] and respond to texture as well as intensity. Returns float32 of the input shape.
     """
     single = np.ndim(image) == 2
     rest = _as_stack(restoration, "restoration").astype(np.float64, copy=False)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RUN_KEYS", "RunRecord"]
 
-RUN_KEYS = ("sampler", "steps", "seed", "t_start", "faithful_ssim", "norm", "square")
+RUN_KEYS = ("sampler", "steps", "seed", "t_start", "faithful_ssim", "norm", "square", "spacing")
 """Settings that make two runs' slices comparable (device, batch size, precision and compile
 change only the speed, within float tolerance)."""
 

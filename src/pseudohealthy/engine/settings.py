@@ -8,7 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from pseudohealthy.engine.defaults import COMPILE_MODES, DEFAULT_SAMPLER, PRECISIONS, SAMPLERS, default_steps
+from pseudohealthy.engine.defaults import (
+    COMPILE_MODES,
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    FAITHFUL_SSIM,
+    PRECISIONS,
+    SAMPLERS,
+    SPACINGS,
+    default_steps,
+)
 from pseudohealthy.engine.sampler import SamplerPlan
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.model.diffusion import Schedule
@@ -39,13 +48,17 @@ class RestoreSettings:
     None means the sampler's default (:data:`~pseudohealthy.engine.defaults.DEFAULT_STEPS`).
 
     ``batch_size``: slices per batch (None: 8 on the CPU, 32 at 128 px on a GPU; halved on a
-    CUDA out-of-memory). ``precision``: "auto" (bf16/fp16 autocast on CUDA, fp32 on the CPU),
-    "fp32", "fp16" or "bf16". ``faithful_ssim``: the reference's SSIM constants (data range
-    255). ``t_start``: partial-noising depth; None means
+    CUDA out-of-memory). ``precision``: "auto" (bf16/fp16 autocast on CUDA, bf16 on CPUs with
+    avx512_bf16/AMX, else fp32), "fp32", "fp16" or "bf16". ``faithful_ssim``: the reference's SSIM
+    constants (data range
+    255; the default, :data:`~pseudohealthy.engine.defaults.FAITHFUL_SSIM`), False for data
+    range 1. ``t_start``: partial-noising depth; None means
     :data:`~pseudohealthy.engine.defaults.BASELINE_T_START` for an unconditioned ensemble and pure
     noise for a conditioned one. ``norm`` / ``square``: preprocessing overrides (None: from the
     members' metadata, else "max" / "pad"). ``compile``: a ``torch.compile`` mode
     (:data:`~pseudohealthy.engine.defaults.COMPILE_MODES`) or None for eager execution.
+    ``spacing``: how ``ddpm`` / ``ddim`` space their timesteps
+    (:data:`~pseudohealthy.engine.defaults.SPACINGS`; ``dpm`` and ``onepass`` ignore it).
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -54,12 +67,13 @@ class RestoreSettings:
     device: str = "auto"
     batch_size: int | None = None
     precision: str = "auto"
-    faithful_ssim: bool = False
+    faithful_ssim: bool = FAITHFUL_SSIM
     keep_member_maps: bool = False
     t_start: int | None = None
     norm: str | None = None
     square: str | None = None
     compile: str | None = None
+    spacing: str = DEFAULT_SPACING
 
     def __post_init__(self) -> None:
         if self.steps is None and self.sampler in SAMPLERS:
@@ -89,6 +103,7 @@ class RestoreSettings:
             ("norm", (None, *NORMS)),
             ("square", (None, *SQUARES)),
             ("compile", (None, *COMPILE_MODES)),
+            ("spacing", SPACINGS),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -103,7 +118,12 @@ class RestoreSettings:
         if self.t_start is not None and not 0 <= self.t_start < schedule.T:
             raise _bad("t_start", f"must be in 0..{schedule.T - 1}, got {self.t_start}")
         return SamplerPlan.for_ensemble(
-            self.sampler, self.steps, schedule, conditioned=conditioned, t_start=self.t_start
+            self.sampler,
+            self.steps,
+            schedule,
+            conditioned=conditioned,
+            t_start=self.t_start,
+            spacing=self.spacing,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from pseudohealthy.figures import save_figure
 from pseudohealthy.figures.orientation import CONVENTION, EDGE_LABELS, axial_display
+from pseudohealthy.figures.ranges import display_range
 
 __all__ = ["CONVENTION_NOTE", "draw_edge_labels", "highest_scoring", "save_preview"]
 
@@ -73,7 +74,10 @@ def save_preview(
     Slices are shown in the project's one convention (:mod:`pseudohealthy.figures.orientation`:
     radiological, anterior up) with R/L/A/P at the edges of every panel and the convention
     stated under the figure. ``lesion`` (optional, same shape) is outlined in every panel.
-    ``spacing`` (x, y in mm) keeps the physical aspect ratio. Returns the path written.
+    The maps' colour limits come from the maps over the shown slices
+    (:func:`~pseudohealthy.figures.ranges.display_range`), so maps of any scale (the reference's SSIM
+    constants give values of order 1e-3) look alike. ``spacing`` (x, y in mm) keeps the
+    physical aspect ratio. Returns the path written.
     """
     import matplotlib
 
@@ -85,7 +89,7 @@ def save_preview(
         raise ValueError("no slices to show")
     inside = scan[..., slices]
     lo, hi = np.percentile(inside, [0.5, 99.5]) if inside.size else (0.0, 1.0)
-    vmax_map = max(float(np.percentile(anomaly[..., slices], 99.9)), 1e-6)
+    _, vmax_map = display_range(anomaly[..., slices])
     # displayed rows run along y, columns along x: a pixel is spacing[1] high, spacing[0] wide
     aspect = 1.0 if spacing is None else spacing[1] / spacing[0]
     panels = [
@@ -94,13 +98,9 @@ def save_preview(
         ("anomaly map (1 - SSIM)", anomaly, {"cmap": "inferno", "vmin": 0.0, "vmax": vmax_map}),
     ]
     if uncertainty is not None:
-        vmax_u = max(float(np.percentile(uncertainty[..., slices], 99.9)), 1e-6)
+        _, vmax_u = display_range(uncertainty[..., slices])
         panels.append(
-            (
-                f"uncertainty (member s.d., max {vmax_u:.3g})",
-                uncertainty,
-                {"cmap": "viridis", "vmin": 0.0, "vmax": vmax_u},
-            )
+            ("uncertainty (member s.d.)", uncertainty, {"cmap": "viridis", "vmin": 0.0, "vmax": vmax_u})
         )
     fig, axes = plt.subplots(
         len(slices), len(panels), figsize=(3 * len(panels), 3 * len(slices) + 0.3), squeeze=False

@@ -32,7 +32,7 @@ from pseudohealthy import __version__
 from pseudohealthy.data.files import atomic_write, write_text
 from pseudohealthy.device import resolve_device
 from pseudohealthy.errors import CheckpointError
-from pseudohealthy.model.diffusion import Schedule
+from pseudohealthy.model.diffusion import LEGACY_SCHEDULE, PREDICTIONS, Schedule
 from pseudohealthy.model.network import ConditionedUNet, ConfigError, ModelConfig
 
 __all__ = [
@@ -55,7 +55,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "pseudohealthy.json"
 RESERVED = ("format", "format_version", "package_version", "model", "schedule", "image_size")
-PREDICTIONS = ("epsilon",)  # what the network predicts (key ``prediction``, absent = "epsilon")
 UNKNOWN_MODALITY = "unknown"  # the trainer's default: a member that does not know its modality
 # weights formats that hold pickles: never loaded, only recognised to say so
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
@@ -209,12 +208,13 @@ def _check_reserved(path: Path, info: Mapping[str, Any]) -> None:
 
 def _check_recorded(path: Path, info: Mapping[str, Any]) -> None:
     """The trainer's keys that restoring relies on: prediction type, modality, slice size."""
-    prediction = info.get("prediction", PREDICTIONS[0])
-    if prediction not in PREDICTIONS:
+    prediction = info.get("prediction")  # an older key: what schedule.prediction now records
+    recorded = info["schedule"].get("prediction", LEGACY_SCHEDULE["prediction"])
+    if prediction is not None and prediction != recorded:
         raise CheckpointError(
             path,
-            f"unsupported prediction type {prediction!r} (this version restores only "
-            f"{', '.join(map(repr, PREDICTIONS))}-prediction models)",
+            f"unsupported prediction type {prediction!r}: the schedule records {recorded!r} "
+            f"(schedule.prediction, one of {', '.join(map(repr, PREDICTIONS))}, is the model's)",
             field="prediction",
         )
     modality = info.get("modality")
@@ -308,6 +308,8 @@ def _check_record(folder: Path, info: Mapping[str, Any], metadata: Mapping[str, 
         now = json.loads(ours[key])
         if not isinstance(saved, dict):
             raise CheckpointError(folder / WEIGHTS_FILE, f"invalid header metadata {key!r}")
+        if section == "schedule":  # a field written before it existed has its legacy value
+            saved, now = {**LEGACY_SCHEDULE, **saved}, {**LEGACY_SCHEDULE, **now}
         for name in sorted(set(saved) | set(now)):
             if saved.get(name) != now.get(name):
                 where = "image_size" if (section, name) == ("model", "image_size") else f"{section}.{name}"
@@ -436,8 +438,8 @@ class Member:
 
     @property
     def prediction(self) -> str:
-        """What the network predicts (``prediction``; absent = "epsilon")."""
-        return str(self.info.get("prediction", PREDICTIONS[0]))
+        """What the network predicts (``schedule.prediction``; absent = "epsilon")."""
+        return self.schedule.prediction
 
     @property
     def modality(self) -> str | None:
@@ -464,6 +466,12 @@ class Member:
         recorded it (``validation.best_threshold``); None when not recorded."""
         value = _first(self.info, "validation.best_threshold")
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    @property
+    def threshold_faithful_ssim(self) -> bool:
+        """Whether :attr:`threshold` was measured on maps with the reference's SSIM constants
+        (``validation.faithful_ssim``; absent: False, the data range 1 of training validation)."""
+        return _first(self.info, "validation.faithful_ssim") is True
 
     def describe(self) -> dict[str, Any]:
         """A summary for display: name, path, modality, fold, tasks, validation figures, threshold.
@@ -492,7 +500,7 @@ _MUST_AGREE: tuple[tuple[str, Any], ...] = (
     ("model.conditioned", lambda m: m.conditioned),
     ("model.image_channels", lambda m: m.info["model"]["image_channels"]),
     ("prediction", lambda m: m.prediction),
-    ("schedule", lambda m: m.info["schedule"]),
+    ("schedule", lambda m: m.schedule.to_dict()),  # missing fields read as their legacy values
 )
 
 

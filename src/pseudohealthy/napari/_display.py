@@ -1,4 +1,5 @@
-"""How the canvas shows a scan: window/level presets, linked contrast, side by side, edge labels.
+"""How the canvas shows a scan: window/level presets, linked contrast, map ranges, side by side,
+edge labels.
 
 The edge labels name the patient direction at each edge of the canvas (R/L, A/P, S/I) for the
 displayed plane, from :data:`pseudohealthy.figures.orientation.EDGE_LABELS` when the camera shows
@@ -9,11 +10,13 @@ show_axial`), else from the camera's actual orientation, so the canvas never mis
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pseudohealthy.figures.orientation import EDGE_LABELS
+from pseudohealthy.figures.ranges import display_range
 from pseudohealthy.napari._layers import is_nifti_layer
 
 if TYPE_CHECKING:
@@ -27,6 +30,8 @@ WINDOWS: dict[str, tuple[float, float] | None] = {
     "2–98 % (soft)": (2.0, 98.0),
     "scan limits": None,
 }
+MAP_SAMPLE = 1_000_000
+"""At most this many voxels of a map (a regular stride) go into its display range."""
 _PLANES = {2: "axial", 1: "coronal", 0: "sagittal"}  # RAS world axis off screen -> plane
 _POSITIVE, _NEGATIVE = ("R", "A", "S"), ("L", "P", "I")
 _EDGES = {"top": "top_center", "bottom": "bottom_center", "left": "middle_left", "right": "middle_right"}
@@ -62,6 +67,25 @@ def apply_window(limits: tuple[float, float], *layers: Image | None) -> None:
         rlo, rhi = layer.contrast_limits_range
         layer.contrast_limits_range = (min(rlo, lo), max(rhi, hi))
         layer.contrast_limits = (lo, hi)
+
+
+def map_range(view: np.ndarray, slices: Sequence[int]) -> tuple[float, float]:
+    """:func:`~pseudohealthy.figures.ranges.display_range` of the restored axial ``slices`` of a
+    canonical map view (anomaly or uncertainty); ``(0, 1)`` before any slice is restored."""
+    if not len(slices):
+        return display_range(np.zeros(0, dtype=np.float32))
+    values = np.asarray(view[:, :, sorted(slices)]).reshape(-1)
+    return display_range(values[:: max(values.size // MAP_SAMPLE, 1)])
+
+
+def show_range(limits: tuple[float, float], *layers: Image | None) -> None:
+    """Set both the contrast limits and their range of every given layer to ``limits`` (so the
+    layer's own contrast slider spans the map's range too)."""
+    lo, hi = (float(v) for v in limits)
+    for layer in layers:
+        if layer is not None:
+            layer.contrast_limits_range = (lo, hi)
+            layer.contrast_limits = (lo, hi)
 
 
 _LINKED: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 )
 
 from pseudohealthy.data.sample import demo_ensemble_path, resolve_ensemble
+from pseudohealthy.engine.defaults import FAITHFUL_SSIM
 from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.napari._display import (
@@ -47,6 +48,8 @@ from pseudohealthy.napari._display import (
     SideBySide,
     apply_window,
     link_contrast,
+    map_range,
+    show_range,
     window_presets,
 )
 from pseudohealthy.napari._layers import (
@@ -62,6 +65,7 @@ from pseudohealthy.napari._outputs import (
     OutputLayers,
     ensure_outputs,
     find_output,
+    member_thresholds,
     output_name,
     record,
     run_record,
@@ -142,6 +146,7 @@ class ActiveRun:
     threshold: float
     suggested: float | None
     requested: list[int]
+    skipped: int = 0  # members' validation thresholds left out (other SSIM constants than the run's)
     started: float = field(default_factory=time.perf_counter)
     new: int = 0  # slices restored by this run (the record may also hold kept ones)
     error: BaseException | None = None
@@ -447,12 +452,14 @@ class RestoreWidget(QWidget):
             return None
         return self.ensemble if names == self.ensemble.names else self.ensemble.select(names)
 
-    def validation_threshold(self, ensemble: Ensemble | None = None) -> float | None:
-        """The mean of the members' validation thresholds (:attr:`Member.threshold`), None when
-        no member records one; ``ensemble`` defaults to the checked members."""
+    def validation_threshold(
+        self, ensemble: Ensemble | None = None, faithful_ssim: bool = FAITHFUL_SSIM
+    ) -> float | None:
+        """The mean of the members' validation thresholds measured with the SSIM constants
+        ``faithful_ssim`` (:func:`member_thresholds`), None when no member records one;
+        ``ensemble`` defaults to the checked members."""
         ensemble = ensemble if ensemble is not None else self.selected_ensemble()
-        values = [m.threshold for m in ensemble or [] if m.threshold is not None]
-        return float(np.mean(values)) if values else None
+        return member_thresholds(ensemble or [], faithful_ssim)[0]
 
     # ------------------------------------------------------------------ running
     def is_running(self) -> bool:
@@ -517,7 +524,7 @@ class RestoreWidget(QWidget):
         mask_rec = record(mask_layer) if mask_layer is not None else {}
         if not keep and mask_rec.get("threshold_rule", "user") != "user":
             mask_rec = {}  # an automatic threshold belongs to the run it was computed on
-        suggested = self.validation_threshold(ensemble)
+        suggested, skipped = member_thresholds(ensemble, settings.faithful_ssim)
         threshold, rule = mask_rec.get("threshold"), mask_rec.get("threshold_rule", "user")
         if threshold is None:
             threshold, rule = (
@@ -530,7 +537,7 @@ class RestoreWidget(QWidget):
             r: canonical_view(out.data, volume)
             for r, out in zip(OUTPUT_ROLES, self.outputs.all(), strict=True)
         }
-        self._run = ActiveRun(run, views, threshold, suggested, list(slices))
+        self._run = ActiveRun(run, views, threshold, suggested, list(slices), skipped=skipped)
         set_record(self.outputs.mask, threshold=threshold, threshold_rule=rule)
         self._update_records(status="running")
 
@@ -599,6 +606,9 @@ class RestoreWidget(QWidget):
         views["uncertainty"][:, :, k] = 0.0 if spread is None else spread
         run.record.add(result)
         run.new += 1
+        restored = run.record.restored
+        show_range(map_range(views["anomaly"], restored), outputs.anomaly)
+        show_range(map_range(views["uncertainty"], restored), outputs.uncertainty)
         self._threshold_slice(k)
         for out in outputs.all():
             out.refresh()
@@ -637,6 +647,7 @@ class RestoreWidget(QWidget):
                 status=status,
                 requested_slices=run.requested,
                 ensemble_threshold=run.suggested,
+                ensemble_threshold_skipped=run.skipped,
             )
 
     def _on_error(self, exc: BaseException) -> None:

@@ -1,5 +1,9 @@
 """Dock widget: threshold the anomaly map into the predicted lesions, browse per-slice scores and
-the ensemble's per-slice uncertainty."""
+the ensemble's per-slice uncertainty.
+
+The slider spans the map's own display range (:func:`~pseudohealthy.napari._display.map_range`,
+widened to hold the threshold in use) in :data:`SLIDER_TICKS` steps, so maps of order 1e-3 (the
+reference's SSIM constants) are thresholded as finely as maps in [0, 1]."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
+from pseudohealthy.napari._display import map_range
 from pseudohealthy.napari._layers import (
     Frame,
     canonical_view,
@@ -29,9 +34,9 @@ from pseudohealthy.napari._layers import (
 )
 from pseudohealthy.napari._outputs import (
     DEFAULT_THRESHOLD,
-    RULES,
     find_output,
     record,
+    rule_text,
     run_record,
     set_record,
     suggest_threshold,
@@ -43,6 +48,13 @@ if TYPE_CHECKING:
     from napari.layers import Image, Labels
 
 _BG, _FG, _ACCENT, _SPREAD = "#262930", "#d1d2d4", "#f4a261", "#4cc9f0"
+SLIDER_TICKS = 1000
+"""Steps of the threshold slider across its range (one arrow key press moves one)."""
+
+
+def slider_decimals(step: float) -> int:
+    """Decimals the slider's label needs to show values ``step`` apart (at least 3)."""
+    return max(3, int(np.ceil(-np.log10(step))) + 1) if step > 0 else 3
 
 
 class ThresholdWidget(QWidget):
@@ -66,9 +78,7 @@ class ThresholdWidget(QWidget):
         self.layer_combo = QComboBox()
         self.layer_combo.currentIndexChanged.connect(self._select_layer)
         self.slider = QLabeledDoubleSlider(Qt.Orientation.Horizontal)
-        self.slider.setRange(0.0, 1.0)
-        self.slider.setDecimals(3)
-        self.slider.setSingleStep(0.005)
+        self.set_slider_range(1.0)
         self.slider.setValue(DEFAULT_THRESHOLD)
         self.slider.valueChanged.connect(self.set_threshold)
         self.suggest_label = QLabel("suggested: –")
@@ -147,21 +157,41 @@ class ThresholdWidget(QWidget):
             mask = self.mask_layer()
             threshold = record(mask).get("threshold") if mask is not None else None
             if threshold is not None:
-                self.slider.blockSignals(True)
-                self.slider.setValue(float(threshold))
-                self.slider.blockSignals(False)
+                self._show_threshold(float(threshold))
         self.refresh()
+
+    def _show_threshold(self, value: float) -> None:
+        """Show ``value`` on the slider (widening its range when needed) without re-thresholding."""
+        self.set_slider_range(self.slider.maximum(), value)
 
     def _frame(self) -> Frame | None:
         return layer_frame(self._layer) if self._layer is not None else None
 
     # ------------------------------------------------------------------ threshold
+    def set_slider_range(self, hi: float, value: float | None = None) -> None:
+        """The slider spans ``0 .. max(hi, value)`` in :data:`SLIDER_TICKS` steps and shows
+        ``value`` (None: its current value); the mask is not re-thresholded."""
+        value = float(self.slider.value()) if value is None else float(value)
+        hi = max(float(hi), value)
+        step = hi / SLIDER_TICKS
+        self.slider.blockSignals(True)
+        try:
+            self.slider.setDecimals(slider_decimals(step))
+            self.slider.setRange(0.0, hi)
+            self.slider.setSingleStep(step)
+            self.slider.setPageStep(step * 10)
+            self.slider.setValue(value)
+        finally:
+            self.slider.blockSignals(False)
+
     def threshold(self) -> float:
         return float(self.slider.value())
 
     def set_threshold(self, value: float) -> None:
         """Recompute the lesion mask as ``anomaly map > value`` (live, whole volume)."""
         anomaly, mask = self.anomaly_layer(), self.mask_layer()
+        if value > self.slider.maximum():
+            self.set_slider_range(value)
         if self.slider.value() != value:
             self.slider.setValue(value)  # re-enters through valueChanged
             return
@@ -177,7 +207,7 @@ class ThresholdWidget(QWidget):
         if self.suggested is not None:
             self._pending_rule = self.rule
             try:
-                self.set_threshold(round(self.suggested, 3))
+                self.set_threshold(self.suggested)
             finally:
                 self._pending_rule = "user"
 
@@ -192,21 +222,23 @@ class ThresholdWidget(QWidget):
         scores = [run.slice_scores[k] for k in slices] if run is not None else []
         frame = self._frame()
         self.suggested, self.rule = None, "default"
+        hi = 1.0
         if layer is not None and frame is not None:
             data = canonical_view(layer.data, frame)
             self.suggested, self.rule = suggest_threshold(data, slices, scores, rec.get("ensemble_threshold"))
+            hi = map_range(data, slices)[1]
         self.suggest_label.setText(
             "suggested: –"
             if self.suggested is None
-            else f"suggested: {self.suggested:.3f} ({RULES[self.rule]})"
+            else f"suggested: {self.suggested:.4g} "
+            f"({rule_text(self.rule, int(rec.get('ensemble_threshold_skipped') or 0))})"
         )
         self.suggest_button.setEnabled(self.suggested is not None)
         mask = self.mask_layer()
         saved = record(mask).get("threshold") if mask is not None else None
-        if saved is not None and abs(float(saved) - self.threshold()) > 1e-9:
-            self.slider.blockSignals(True)
-            self.slider.setValue(float(saved))
-            self.slider.blockSignals(False)
+        top = max(hi, self.suggested or 0.0)
+        # a mask's threshold widens the range to hold it; with none, the slider stays inside the map's
+        self.set_slider_range(top, float(saved) if saved is not None else min(self.threshold(), top))
         score = run.volume_score if run is not None else None
         if score is None:
             self.score_label.setText("volume score: –")

@@ -1,8 +1,9 @@
 """Training settings: :class:`TrainConfig` (every setting of one member's training, JSON-ready),
 the training lengths and cadences per preset family (:data:`PRESET_TRAINING`, chosen by
 :func:`preset_family`), the settings a resumed run must share with the run it continues
-(:data:`MUST_MATCH`), the columns of ``log.csv`` (:data:`LOG_FIELDS`), :class:`TrainError`, and
-where each fold's member lives and which seed it uses (:func:`member_dir`, :func:`member_seed`).
+(:data:`MUST_MATCH`, with :data:`LEGACY_VALUES` for states saved before a setting existed), the
+columns of ``log.csv`` (:data:`LOG_FIELDS`), :class:`TrainError`, and where each fold's member
+lives and which seeds it uses (:func:`member_dir`, :func:`member_seed`, :meth:`TrainConfig.net_seed`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from pseudohealthy.errors import PseudohealthyError
+from pseudohealthy.model.diffusion import LEGACY_SCHEDULE, Schedule
 from pseudohealthy.model.network import PRESETS, ConfigError, ModelConfig, get_preset
 
 __all__ = [
+    "LEGACY_VALUES",
     "LOG_FIELDS",
     "MUST_MATCH",
     "PRESET_TRAINING",
@@ -28,14 +31,45 @@ __all__ = [
     "preset_family",
 ]
 
-LOG_FIELDS = ("step", "loss", "val_loss", "val_ap", "lr", "time")
+FIDELITY_FIELDS = ("val_ssim_out", "val_psnr_out", "val_ssim_in", "val_psnr_in")  # training.validation
+LOG_FIELDS = ("step", "loss", "val_loss", "val_ap", *FIDELITY_FIELDS, "lr", "time")
 """The columns of a member's ``log.csv``."""
 
-# training lengths and cadences per preset family (the reference's for "paper")
-PRESET_TRAINING: dict[str, dict[str, int]] = {
-    "paper": {"steps": 500_000, "val_every": 500, "ckpt_every": 2_000, "early_stop_patience": 50_000},
-    "cpu": {"steps": 20_000, "val_every": 500, "ckpt_every": 500, "early_stop_patience": 5_000},
-    "tiny": {"steps": 200, "val_every": 50, "ckpt_every": 50, "early_stop_patience": 0},
+# Training lengths, cadences and validation protocol per preset family. "paper" is the
+# reference's: validation from step 5000 on every held-out slice, corrupted afresh each time.
+# Departures for "cpu" and "tiny" (runs of 200-20000 steps, where 5000 steps would be a quarter
+# of the run or all of it): validation from the start, on a capped set corrupted once, so that
+# successive validation losses compare the model and not the draw of the corruptions. In every
+# family early stopping really stops (the reference's ``break`` only left its epoch loop, so it
+# trained on): a departure of ours; the best EMA weights are the member either way.
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "paper": {
+        "steps": 500_000,
+        "val_every": 500,
+        "ckpt_every": 2_000,
+        "early_stop_patience": 50_000,
+        "val_start": 5_000,
+        "val_max_slices": None,
+        "val_fresh": True,
+    },
+    "cpu": {
+        "steps": 20_000,
+        "val_every": 500,
+        "ckpt_every": 500,
+        "early_stop_patience": 5_000,
+        "val_start": 0,
+        "val_max_slices": 1000,
+        "val_fresh": False,
+    },
+    "tiny": {
+        "steps": 200,
+        "val_every": 50,
+        "ckpt_every": 50,
+        "early_stop_patience": 0,
+        "val_start": 0,
+        "val_max_slices": 1000,
+        "val_fresh": False,
+    },
 }
 
 # settings a resumed run must share with the run it continues
@@ -58,7 +92,22 @@ MUST_MATCH = (
     "square",
     "val_fraction",
     "val_max_slices",
+    "val_fresh",
+    "prediction",
+    "zero_snr",
+    "centred",
+    "init_seed",
+    "init_from",
 )
+
+# what a resumable state saved before a MUST_MATCH setting existed was trained with: the legacy
+# schedule ([-1, 1] epsilon models), networks initialised from the member seed, fixed validation
+LEGACY_VALUES: dict[str, Any] = {
+    **LEGACY_SCHEDULE,
+    "init_seed": None,
+    "init_from": None,
+    "val_fresh": False,
+}
 
 
 class TrainError(PseudohealthyError):
@@ -92,8 +141,10 @@ class TrainConfig:
     min_snr_gamma: float = 1.0
     p_none: float = 0.2
     val_every: int = 500
+    val_start: int = 0  # no validation before this step
     val_fraction: float = 0.05
-    val_max_slices: int | None = 1000
+    val_max_slices: int | None = 1000  # None: every held-out slice
+    val_fresh: bool = False  # corrupt the held-out slices afresh at each validation
     val_ap_steps: int = 10
     val_ap_samples: int = 16
     ckpt_every: int = 500
@@ -101,6 +152,11 @@ class TrainConfig:
     log_every: int = 50
     num_workers: int = 0
     seed: int = 0
+    init_seed: int | None = 42  # network initialisation, shared by the folds; None: the member seed
+    init_from: str | None = None  # a member folder whose weights the network starts from
+    prediction: str = "epsilon"  # what the network predicts (model.diffusion.PREDICTIONS)
+    zero_snr: bool = False  # rescale the betas to a zero terminal SNR (needs v or sample)
+    centred: bool = False  # model range [-1, 1] (older checkpoints) instead of the reference's [0, 1]
     device: str = "auto"
     precision: str = "auto"
     norm: str = "max"
@@ -112,9 +168,9 @@ class TrainConfig:
 
     @classmethod
     def for_preset(cls, preset: str, **overrides: Any) -> TrainConfig:
-        """Defaults for ``preset`` (lengths and cadences from :data:`PRESET_TRAINING`)."""
-        values: dict[str, Any] = {"preset": preset, **PRESET_TRAINING[preset_family(preset)]}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        """Defaults for ``preset`` (lengths, cadences and validation from :data:`PRESET_TRAINING`),
+        then ``overrides`` (None included: ``init_seed=None`` and ``val_max_slices=None`` are settings)."""
+        values: dict[str, Any] = {"preset": preset, **PRESET_TRAINING[preset_family(preset)], **overrides}
         return cls(**values)
 
     def model_config(self) -> ModelConfig:
@@ -128,6 +184,14 @@ class TrainConfig:
     def image_size(self) -> int:
         return self.model_config().image_size
 
+    def schedule(self) -> Schedule:
+        """The diffusion schedule: the reference's betas with this run's prediction and range."""
+        return Schedule(prediction=self.prediction, zero_snr=bool(self.zero_snr), centred=bool(self.centred))
+
+    def net_seed(self) -> int:
+        """The seed of the network initialisation: ``init_seed``, or the member seed when None."""
+        return member_seed(self.seed, self.fold) if self.init_seed is None else int(self.init_seed)
+
     def validate(self) -> None:
         """Raise :class:`TrainError` (or ConfigError) for a setting that cannot work."""
         if self.preset not in PRESETS:
@@ -138,7 +202,15 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("val_every", "ckpt_every", "early_stop_patience", "num_workers", "val_ap_samples"):
+        nonnegative = (
+            "val_every",
+            "val_start",
+            "ckpt_every",
+            "early_stop_patience",
+            "num_workers",
+            "val_ap_samples",
+        )
+        for name in nonnegative:
             if int(getattr(self, name)) < 0:
                 raise TrainError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1 or self.val_ap_steps < 1:
@@ -147,7 +219,16 @@ class TrainConfig:
             raise TrainError(f"the learning rate must be positive, got {self.lr}")
         if self.norm not in ("max", "percentile"):
             raise TrainError(f"unknown normalisation {self.norm!r} (use 'max' or 'percentile')")
+        self._validate_diffusion()
         self.model_config()
+
+    def _validate_diffusion(self) -> None:
+        """The prediction type and zero terminal SNR, as :class:`Schedule` checks them."""
+        try:
+            self.schedule()
+        except ConfigError as exc:
+            value = getattr(self, exc.field, None) if exc.field else None
+            raise TrainError(f"cannot train with {exc.field}={value!r}: {exc.problem}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pseudohealthy.data.files import write_text
-from pseudohealthy.training.config import LOG_FIELDS
+from pseudohealthy.training.config import FIDELITY_FIELDS, LOG_FIELDS
 
 __all__ = ["CsvLog", "EarlyStop", "finite_or_none", "open_tensorboard"]
 
@@ -26,12 +26,17 @@ def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _finite_values(values: Mapping[str, float | None] | None) -> dict[str, float | None] | None:
+    return None if values is None else {k: finite_or_none(v) for k, v in values.items()}
+
+
 @dataclass
 class EarlyStop:
     """Moving average of the validation loss (``0.9 ma + 0.1 loss``), best value and its step.
 
     ``best_val_threshold``: the best-Dice threshold of the anomaly maps at the best validation
-    (None when validation gives none).
+    (None when validation gives none); ``best_fidelity``: the restorations' fidelity there
+    (:data:`~pseudohealthy.training.config.FIDELITY_FIELDS`).
     """
 
     patience: int = 0
@@ -41,12 +46,18 @@ class EarlyStop:
     best_val_loss: float | None = None
     best_val_ap: float | None = None
     best_val_threshold: float | None = None
+    best_fidelity: dict[str, float | None] | None = None
     last_val_loss: float | None = None
     last_val_ap: float | None = None
     stopped: bool = False
 
     def update(
-        self, step: int, val_loss: float, val_ap: float | None, val_threshold: float | None = None
+        self,
+        step: int,
+        val_loss: float,
+        val_ap: float | None,
+        val_threshold: float | None = None,
+        fidelity: Mapping[str, float | None] | None = None,
     ) -> bool:
         """Record a validation; True when it is the new best."""
         self.ma = val_loss if self.ma is None else 0.9 * self.ma + 0.1 * val_loss
@@ -55,6 +66,7 @@ class EarlyStop:
             self.best_ma, self.best_step = self.ma, step
             self.best_val_loss, self.best_val_ap = val_loss, val_ap
             self.best_val_threshold = val_threshold
+            self.best_fidelity = _finite_values(fidelity)
             return True
         return False
 
@@ -93,7 +105,7 @@ class CsvLog:
 
     def write(self, **row: Any) -> None:
         clean = {k: ("" if row.get(k) is None else row[k]) for k in LOG_FIELDS}
-        for k in ("loss", "val_loss", "val_ap"):
+        for k in ("loss", "val_loss", "val_ap", *FIDELITY_FIELDS):
             if isinstance(clean[k], float):
                 clean[k] = f"{clean[k]:.6g}" if math.isfinite(clean[k]) else ""
         if isinstance(clean["time"], float):

@@ -1,6 +1,8 @@
 """The training loop: :func:`train_member` trains one fold's member and writes its folder,
-:func:`train_ensemble` the members of several folds one after the other. It follows the
-reference (``REFERENCE.md``, "Training"): Min-SNR-weighted epsilon loss with offset noise, AdamW
+:func:`train_ensemble` the members of several folds one after the other, :func:`initial_network`
+gives the weights a member starts from (a seeded initialisation shared by the folds, or another
+member's weights). It follows the reference (``REFERENCE.md``, "Training"): Min-SNR-weighted loss
+of the schedule's prediction target with offset noise, AdamW
 with constant lr, grad-norm clipping, an EMA of the weights (used for validation and for the
 saved member), mixed precision on CUDA, validation on held-out slices corrupted with the fold's
 two validation tasks, early stopping on the moving average of the validation loss, keeping the
@@ -15,10 +17,11 @@ resumable state stays as it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,12 +40,18 @@ from pseudohealthy.data.dataset import (
     ValidationSet,
     build_validation,
 )
-from pseudohealthy.device import autocast, autocast_dtype
-from pseudohealthy.model.checkpoint import is_checkpoint_dir, save_checkpoint
-from pseudohealthy.model.diffusion import Schedule, to_model_range, training_loss
+from pseudohealthy.device import autocast, autocast_dtype, describe_precision
+from pseudohealthy.model.checkpoint import (
+    RUNTIME_SETTINGS,
+    is_checkpoint_dir,
+    load_checkpoint,
+    read_info,
+    save_checkpoint,
+)
+from pseudohealthy.model.diffusion import Schedule, training_loss
 from pseudohealthy.model.ema import EMA
-from pseudohealthy.model.network import ModelConfig, build_model, count_parameters
-from pseudohealthy.training.config import TrainConfig, TrainError, member_dir, member_seed
+from pseudohealthy.model.network import ConditionedUNet, ModelConfig, build_model, count_parameters
+from pseudohealthy.training.config import FIDELITY_FIELDS, TrainConfig, TrainError, member_dir, member_seed
 from pseudohealthy.training.distributed import (
     DistInfo,
     barrier,
@@ -62,9 +71,9 @@ from pseudohealthy.training.state import (
     save_best_weights,
     save_state,
 )
-from pseudohealthy.training.validation import validate
+from pseudohealthy.training.validation import VALIDATION_FAITHFUL_SSIM, format_fidelity, validate
 
-__all__ = ["train_ensemble", "train_member"]
+__all__ = ["check_init_source", "initial_network", "train_ensemble", "train_member"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,7 @@ class _Session:
     model: nn.Module | None = None  # run.model, in DDP under torchrun
     loader: torch.utils.data.DataLoader | None = None
     val: ValidationSet | None = None
+    val_build: Callable[..., ValidationSet] | None = None  # build_validation(seed=...) of this run
     schedule: Schedule | None = None
     amp: torch.dtype | None = None
     csv_log: CsvLog | None = None
@@ -164,12 +174,79 @@ def _finished_or_refused(out_dir: Path, has_state: bool, resume: bool) -> bool:
     return False
 
 
+def initial_network(
+    config: TrainConfig, model_cfg: ModelConfig | None = None
+) -> tuple[ConditionedUNet, dict[str, Any] | None]:
+    """The network a member's training starts from, and where its weights came from.
+
+    With ``config.init_from``: that member's weights (through the checkpoint loader), after
+    checking it has this run's architecture, prediction and model range (a :class:`TrainError`
+    names the first field that differs); the record is ``{path, fold, train_tasks, step}``.
+    Otherwise a fresh initialisation seeded by :meth:`TrainConfig.net_seed` (record None).
+    """
+    model_cfg = model_cfg or config.model_config()
+    if config.init_from is None:
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
+            torch.manual_seed(config.net_seed())
+            return build_model(model_cfg), None
+    path = Path(config.init_from)
+    check_init_source(config, model_cfg)
+    net, info = load_checkpoint(path, "cpu")
+    record = {
+        "path": str(path),
+        "fold": info.get("fold"),
+        "train_tasks": info.get("train_tasks"),
+        "step": _source_step(info),
+    }
+    return net.train(), record
+
+
+def check_init_source(config: TrainConfig, model_cfg: ModelConfig | None = None) -> None:
+    """Refuse ``config.init_from`` when it is not a member (a CheckpointError) or has another
+    architecture, prediction or model range than this run (a :class:`TrainError` naming the field);
+    reads only its settings, no weights."""
+    if config.init_from is None:
+        return
+    path = Path(config.init_from)
+    info = read_info(path)
+    model_cfg = model_cfg or config.model_config()
+    theirs = ModelConfig.from_dict(info["model"]).to_dict()
+    ours = model_cfg.to_dict()
+    for name in ours:
+        if name not in RUNTIME_SETTINGS and theirs[name] != ours[name]:
+            raise TrainError(
+                f"cannot start from {path}: its model.{name} is {theirs[name]!r}, this run's is "
+                f"{ours[name]!r}"
+            )
+    schedule = Schedule.from_dict(info["schedule"])
+    for name in ("prediction", "centred"):
+        if getattr(schedule, name) != getattr(config, name):
+            raise TrainError(
+                f"cannot start from {path}: its schedule.{name} is {getattr(schedule, name)!r}, this "
+                f"run's is {getattr(config, name)!r}"
+            )
+
+
+def _source_step(info: Mapping[str, Any]) -> int | None:
+    """The training step of a member's weights (its best validation's, or its last step)."""
+    training = info.get("training") or {}
+    if training.get("weights") == "ema-best":
+        return (info.get("validation") or {}).get("best_step")
+    return training.get("steps_done")
+
+
 def _build_run(
-    model_cfg: ModelConfig, config: TrainConfig, device: torch.device, seed: int, rank: int
+    model_cfg: ModelConfig,
+    config: TrainConfig,
+    device: torch.device,
+    seed: int,
+    rank: int,
+    *,
+    from_state: bool,
 ) -> RunState:
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global stream
-        torch.manual_seed(seed)
-        net = build_model(model_cfg)
+    # a resumed run loads its weights from the state: the initial member is not read again
+    start = dataclasses.replace(config, init_from=None) if from_state else config
+    net, init_record = initial_network(start, model_cfg)
     net.to(device)
     ema = EMA(net, config.ema_max_decay)
     fused = True if device.type == "cuda" else None
@@ -184,7 +261,8 @@ def _build_run(
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     gen_seed = int(np.random.SeedSequence([seed, rank, 7]).generate_state(1)[0])
     generator = torch.Generator(device=device).manual_seed(gen_seed)  # on the device: no host sync
-    return RunState(net, ema, optimizer, scaler, generator, EarlyStop(config.early_stop_patience))
+    early = EarlyStop(config.early_stop_patience)
+    return RunState(net, ema, optimizer, scaler, generator, early, init_from=init_record)
 
 
 def _set_up(
@@ -201,7 +279,7 @@ def _set_up(
     """Build the run (resumed from ``train_state/`` when ``from_state``), data, model and writers."""
     train_tasks, val_tasks = fold_tasks(int(config.fold))
     seed = member_seed(config.seed, int(config.fold))
-    run = _build_run(model_cfg, config, device, seed, dist_info.rank)
+    run = _build_run(model_cfg, config, device, seed, dist_info.rank, from_state=from_state)
     s = _Session(config, model_cfg, out_dir, dist_info, device, seed, run, data.summary())
     if from_state:
         _resume(s)
@@ -210,10 +288,12 @@ def _set_up(
     dataset = CorruptedSliceDataset(
         data, data.train_index, train_tasks, seed=seed, p_none=config.p_none, inter_sources=inter_sources
     )
-    s.val = _validation_set(s, data, val_tasks, inter_sources)
+    s.val_build = _validation_builder(s, data, val_tasks, inter_sources)
+    if s.val_build is not None and not config.val_fresh:
+        s.val = s.val_build(seed=s.seed)
     s.loader = _loader(s, dataset)
     s.model = _wrap_model(s)
-    s.schedule = Schedule()
+    s.schedule = config.schedule()
     s.amp = autocast_dtype(device, config.precision)
     if s.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,18 +316,19 @@ def _resume(s: _Session) -> None:
         log.info("fold %d: resuming at step %d", s.fold, s.run.step)
 
 
-def _validation_set(
+def _validation_builder(
     s: _Session, data: HealthySlices, val_tasks: Sequence[int], inter_sources: Sequence[np.ndarray] | None
-) -> ValidationSet | None:
-    """The held-out slices corrupted with the validation tasks (rank 0 only; None without)."""
+) -> Callable[..., ValidationSet] | None:
+    """``build(seed=...)``: the held-out slices corrupted with the validation tasks (rank 0 only;
+    None without)."""
     config = s.config
     if not (s.main and config.val_every and data.val_index.size):
         return None
-    return build_validation(
+    return functools.partial(
+        build_validation,
         data,
         data.val_index,
         val_tasks,
-        seed=s.seed,
         p_none=config.p_none,
         inter_sources=inter_sources,
         max_slices=config.val_max_slices,
@@ -300,7 +381,7 @@ def _log_start(
         data.train_index.size,
         data.val_index.size,
         s.device,
-        _PRECISION_NAMES[s.amp],
+        describe_precision(s.device, s.config.precision),
         s.config.batch_size,
         s.dist_info.world_size,
     )
@@ -338,7 +419,7 @@ def _train_steps(s: _Session) -> None:
         step = run.step
         run.elapsed = time.perf_counter() - start
         row = _loss_row(s)
-        if config.val_every and (step % config.val_every == 0 or step == config.steps):
+        if _validation_due(config, step):
             _validate_and_check_stop(s, row)
         if row and s.main:
             _write_row(s, row)
@@ -390,8 +471,9 @@ def _saved_step(state_dir: Path) -> int | None:
 def _train_step(s: _Session, batch: Mapping[str, torch.Tensor]) -> None:
     """One optimiser step on ``batch``, the EMA update, and the loss added to the running sum."""
     config, run, device = s.config, s.run, s.device
-    x0 = to_model_range(batch["x0"].to(device, non_blocking=True))
-    cond = to_model_range(batch["cond"].to(device, non_blocking=True)) if s.model_cfg.conditioned else None
+    x0 = s.schedule.to_model(batch["x0"].to(device, non_blocking=True))
+    cond = batch["cond"].to(device, non_blocking=True) if s.model_cfg.conditioned else None
+    cond = s.schedule.to_model(cond) if cond is not None else None
     with autocast(device, config.precision):
         loss = training_loss(
             s.model,
@@ -429,16 +511,33 @@ def _loss_row(s: _Session) -> dict[str, Any]:
     return row
 
 
+def _validation_due(config: TrainConfig, step: int) -> bool:
+    """Whether step ``step`` validates: every ``val_every`` steps and at the end, from ``val_start``."""
+    if not config.val_every or step < config.val_start:
+        return False
+    return step % config.val_every == 0 or step == config.steps
+
+
+def _validation_data(s: _Session, step: int) -> tuple[ValidationSet | None, int]:
+    """The validation set and seed of the validation at ``step``: the fixed ones, or with
+    ``val_fresh`` the held-out slices corrupted afresh and a new seed, both from (seed, step)."""
+    if not s.config.val_fresh or s.val_build is None:
+        return s.val, s.val_seed
+    corrupt_seed, loss_seed = np.random.SeedSequence([s.seed, 99, step]).generate_state(2)
+    return s.val_build(seed=int(corrupt_seed)), int(loss_seed)
+
+
 def _validate_and_check_stop(s: _Session, row: dict[str, Any]) -> None:
     """Validate (rank 0), keep the best EMA weights, and stop every rank when patience runs out."""
     run, step = s.run, s.run.step
     stop_flag = torch.zeros((), device=s.device)
-    if s.val is not None and len(s.val):
-        scores = validate(
-            run.ema.module, s.val, s.config, schedule=s.schedule, device=s.device, seed=s.val_seed
-        )
+    val, val_seed = _validation_data(s, step) if s.main else (None, 0)
+    if val is not None and len(val):
+        scores = validate(run.ema.module, val, s.config, schedule=s.schedule, device=s.device, seed=val_seed)
         row.update(scores)
-        if run.early.update(step, scores["val_loss"], scores["val_ap"], scores.get("val_threshold")):
+        fidelity = {k: scores.get(k) for k in FIDELITY_FIELDS}
+        threshold = scores.get("val_threshold")
+        if run.early.update(step, scores["val_loss"], scores["val_ap"], threshold, fidelity):
             save_best_weights(s.state_dir, run)
         if run.early.should_stop(step):
             stop_flag.fill_(1.0)
@@ -447,6 +546,7 @@ def _validate_and_check_stop(s: _Session, row: dict[str, Any]) -> None:
             s.bar.write(
                 f"fold {s.fold} step {step}: val_loss {scores['val_loss']:.4f}"
                 + (f", val_ap {ap:.3f}" if ap is not None else "")
+                + format_fidelity(scores)
                 + f" (best at step {run.early.best_step})"
             )
     broadcast_from_main(stop_flag)
@@ -503,6 +603,7 @@ def _write_member(s: _Session, data: HealthySlices) -> None:
     meta = {
         "modality": config.modality,
         "fold": int(config.fold),
+        "init_from": run.init_from,
         "train_tasks": [TASKS[t] for t in train_tasks],
         "val_tasks": [TASKS[t] for t in val_tasks],
         "data": dict(s.summary),
@@ -512,6 +613,8 @@ def _write_member(s: _Session, data: HealthySlices) -> None:
             "best_val_loss_ma": early.best_ma,
             "best_val_ap": early.best_val_ap,
             "best_threshold": early.best_val_threshold,
+            "faithful_ssim": VALIDATION_FAITHFUL_SSIM,
+            "best_fidelity": early.best_fidelity,
             "best_step": early.best_step,
             "val_loss": early.last_val_loss,
             "val_ap": early.last_val_ap,
@@ -531,7 +634,7 @@ def _write_member(s: _Session, data: HealthySlices) -> None:
     }
     meta["training"].pop("quiet", None)
     meta["training"].pop("step_delay", None)
-    save_checkpoint(weights, model_cfg, meta, s.out_dir)
+    save_checkpoint(weights, model_cfg, meta, s.out_dir, schedule=s.schedule)
     log.info("fold %d: member written to %s (%s weights)", config.fold, s.out_dir, chosen)
 
 

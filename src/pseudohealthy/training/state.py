@@ -3,8 +3,9 @@ changes while training (:class:`RunState`: model, EMA, optimiser, grad scaler, n
 step, time, early-stop state), written every ``ckpt_every`` steps as ``state_<step>.safetensors``
 (tensors) plus ``state_<step>.json`` (everything else, RNG states included; no pickle) with
 ``latest.json`` pointing at them; reading and loading it back, the checks that a resumed run has
-the settings and data it was started with, and the best EMA weights file
-(``best_ema_<step>.safetensors``).
+the settings and data it was started with (a state saved before a setting existed counts as
+trained with its :data:`~pseudohealthy.training.config.LEGACY_VALUES`), and the best EMA weights
+file (``best_ema_<step>.safetensors``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from pseudohealthy.data.files import atomic_write, write_text
 from pseudohealthy.model.ema import EMA
-from pseudohealthy.training.config import MUST_MATCH, TrainConfig, TrainError
+from pseudohealthy.training.config import LEGACY_VALUES, MUST_MATCH, TrainConfig, TrainError
 from pseudohealthy.training.distributed import DistInfo, gather_objects, unwrap
 from pseudohealthy.training.logs import EarlyStop, finite_or_none
 
@@ -41,6 +42,7 @@ __all__ = [
     "read_state_info",
     "save_best_weights",
     "save_state",
+    "saved_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class RunState:
     step: int = 0
     elapsed: float = 0.0
     best_file: str | None = None
+    init_from: dict[str, Any] | None = None  # the member the weights started from (its record)
 
 
 def _write_state_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -139,6 +142,7 @@ def save_state(
         "rng": _rng_states(generators),
         "early_stop": run.early.to_dict(),
         "best_file": run.best_file,
+        "init_from": run.init_from,
         "config": config.to_dict(),
         "data": {k: data_summary[k] for k in ("files", "n_slices", "n_volumes")},
         "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -193,13 +197,14 @@ def load_state(state_dir: Path, info: Mapping[str, Any], run: RunState, dist_inf
     run.step, run.elapsed = int(info["step"]), float(info["elapsed"])
     run.early = EarlyStop.from_dict(info["early_stop"], run.early.patience)
     run.best_file = info.get("best_file")
+    run.init_from = info.get("init_from")
 
 
 def check_resume(
     info: Mapping[str, Any], config: TrainConfig, summary: Mapping[str, Any], where: Path
 ) -> None:
     """Refuse to continue a run with other settings or other data than it was started with."""
-    saved, current = info.get("config", {}), config.to_dict()
+    saved, current = saved_config(info), config.to_dict()
     for name in MUST_MATCH:
         if saved.get(name) != current.get(name):
             raise TrainError(
@@ -220,9 +225,16 @@ def save_best_weights(state_dir: Path, run: RunState) -> None:
     run.best_file = name
 
 
+def saved_config(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The training settings of a state's JSON ``info``, with :data:`LEGACY_VALUES` for the
+    settings it predates."""
+    return {**LEGACY_VALUES, **info.get("config", {})}
+
+
 def read_saved_config(out_dir: str | Path) -> dict[str, Any] | None:
-    """The training settings stored in a member folder's latest resumable state, if any."""
+    """The training settings stored in a member folder's latest resumable state, if any
+    (:func:`saved_config`)."""
     state_dir = Path(out_dir) / STATE_DIR
     if not (state_dir / LATEST).is_file():
         return None
-    return dict(read_state_info(state_dir).get("config", {}))
+    return saved_config(read_state_info(state_dir))

@@ -11,6 +11,7 @@ from .corrupt import apply_task
 from .folds import task_index
 from .poisson import Sources
 from .rng import keyed_rng
+from .style import DEFAULT_STYLE
 
 __all__ = ["ScanCorruption", "corrupt_scan", "intra_sources_for", "pick_positions"]
 
@@ -70,6 +71,7 @@ def corrupt_scan(
     inter_sources: Sources | None = None,
     min_gap: int = 10,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    style: str = DEFAULT_STYLE,
 ) -> ScanCorruption:
     """Apply one anomaly of ``task`` to slices of a :class:`~pseudohealthy.data.preprocess.PreparedScan`.
 
@@ -77,6 +79,7 @@ def corrupt_scan(
     slice's anomaly does not depend on which other slices are chosen. The change is mapped
     back to the scan's grid (linear); the native mask is where the resampled mask is >= 0.5
     and only there does the written volume differ from the scan, within the scan's range.
+    ``style``: the tasks' details (:data:`~pseudohealthy.data.anomalies.STYLES`).
     """
     index = task_index(task)
     images = np.asarray(prepared.images, dtype=np.float32)
@@ -97,6 +100,7 @@ def corrupt_scan(
             rng,
             intra_sources=intra_sources_for(images, indices, int(j), min_gap=min_gap),
             inter_sources=inter_sources,
+            style=style,
         )
     delta = prepared.to_volume(corrupted - images)
     native_mask = prepared.to_volume(masks.astype(np.float32)) >= 0.5
