@@ -1,0 +1,46 @@
+"""``benchmarks/bench_recipe.py`` on a tiny random member: rows per setting, passes, fidelity."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recipe.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_recipe", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_recipe_tiny_member(tmp_path: Path) -> None:
+    from pseudohealthy.data.sample import sample_mask_path, sample_scan_path
+    from pseudohealthy.engine.reference import random_ensemble
+
+    random_ensemble(tmp_path / "ens", "tiny", 1)
+    threads = torch.get_num_threads()
+    try:
+        rc = _bench().main(
+            [str(tmp_path / "ens" / "fold0"), "--healthy", str(sample_scan_path()), "--healthy-lesion",
+             str(sample_mask_path()), "--slices", "2", "--configs", "ddim:2,onepass:3",
+             "--out", str(tmp_path / "o")]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    (arm,) = json.loads((tmp_path / "o" / "recipe.json").read_text())["arms"]
+    assert arm["prediction"] == "epsilon"
+    assert [(r["sampler"], r["steps"], r["unet_passes"]) for r in arm["rows"]] == [
+        ("ddim", 2, 2),
+        ("onepass", 3, 3),
+    ]
+    for row in arm["rows"]:
+        assert 0.0 <= row["ap_pixel"] <= 1.0 and -1.0 <= row["val_ssim_out"] <= 1.0
+        assert np.isfinite(row["val_psnr_out"]) and row["val_psnr_out"] < 100.0  # a random member is no copy
+    assert (tmp_path / "o" / "recipe.png").stat().st_size > 1000
