@@ -6,7 +6,7 @@ member's own validation tasks, as ``bench_steps.py``) with each sampler setting 
 ``--configs`` and reports, per arm and setting: pixel AP and best Dice of the 1 - SSIM maps
 (library default constants), the restoration's SSIM and PSNR against the clean slice outside the
 synthetic anomaly (``training.validation.restoration_fidelity``), UNet passes per slice and the
-member's training CPU time. Synthetic validation only: no test patient chooses anything.
+member's training wall time. Synthetic validation only: no test patient chooses anything.
 
     .venv/bin/python benchmarks/bench_recipe.py runs/study_epsilon/fold_9 runs/study_v/fold_9 \\
         --healthy SCAN --healthy-lesion MASK --slices 16 --out results/recipe
@@ -97,7 +97,8 @@ def evaluate_arm(
 
 def table(arms: list[dict[str, Any]]) -> str:
     lines = [
-        "| member | prediction | trained steps | CPU s | sampler | steps | UNet passes | AP_p | [Dsc] "
+        "| member | prediction | trained steps | training wall s | sampler | steps | UNet passes "
+        "| AP_p | [Dsc] "
         "| SSIM healthy | PSNR healthy dB | SSIM anomaly |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -78,16 +78,16 @@ def ssim_map(
     the maps' stored precision (float64 maps break float32 ties and move AP by ~1e-6)."""
     out = np.empty(image.shape, dtype=np.float32)
     for k in range(len(image)):
-        _, full = structural_similarity(
-            restoration[k].astype(np.float64),
-            image[k].astype(np.float64),
+        _, full = structural_similarity(  # zero padding by the window radius (5), as the reference
+            np.pad(restoration[k].astype(np.float64), 5),
+            np.pad(image[k].astype(np.float64), 5),
             gaussian_weights=True,
             sigma=SSIM_SIGMA,
             use_sample_covariance=False,
             data_range=data_range,
             full=True,
         )
-        out[k] = np.clip(1.0 - full, 0.0, 1.0)
+        out[k] = np.clip(1.0 - full[5:-5, 5:-5], 0.0, 1.0)
     return np.where(foreground, out, np.float32(0.0))
 
 

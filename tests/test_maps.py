@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
+from skimage.metrics import structural_similarity
 
 from pseudohealthy.engine.maps import (
     WIN_SIZE,
@@ -27,11 +28,11 @@ def _brain(n: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ssim_reference(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
-    """Wang et al. (2004) SSIM map written out with an 11-tap (sigma 1.5) Gaussian."""
+    """Wang et al. (2004) SSIM map written out with an 11-tap (sigma 1.5) Gaussian, zero padding."""
     x, y = x.astype(np.float64), y.astype(np.float64)
 
     def blur(a):
-        return gaussian_filter(a, sigma=1.5, truncate=3.5, mode="reflect")
+        return gaussian_filter(a, sigma=1.5, truncate=3.5, mode="constant", cval=0.0)
 
     mx, my = blur(x), blur(y)
     vx, vy, vxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
@@ -68,6 +69,22 @@ def test_matches_written_out_ssim_with_unit_and_faithful_constants():
     for faithful, data_range in ((False, 1.0), (True, 255.0)):
         expected = np.clip(1 - _ssim_reference(restoration, img, data_range), 0, 1) * fg
         np.testing.assert_allclose(anomaly_map(restoration, img, fg, faithful=faithful), expected, atol=1e-5)
+
+
+def test_borders_are_zero_padded_as_the_reference():
+    """Where the image touches the border, the map is the zero-padded formula's, not a reflected one."""
+    rng = np.random.default_rng(3)
+    img = np.clip(0.6 + 0.1 * rng.standard_normal((32, 32)), 0, 1).astype(np.float32)
+    restoration = img.copy()
+    restoration[:, :4] = 0.2  # a difference along the left border
+    fg = np.ones(img.shape, bool)
+    got = anomaly_map(restoration, img, fg, faithful=False)
+    np.testing.assert_allclose(got, np.clip(1 - _ssim_reference(restoration, img, 1.0), 0, 1), atol=1e-5)
+    x, y = restoration.astype(np.float64), img.astype(np.float64)
+    _, reflected = structural_similarity(
+        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True
+    )
+    assert np.abs(got - np.clip(1 - reflected, 0, 1)).max() > 1e-3  # the padding is visible there
 
 
 def test_map_is_high_where_the_restoration_differs():

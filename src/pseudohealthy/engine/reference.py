@@ -44,9 +44,9 @@ def _gaussian_window() -> np.ndarray:
 
 
 def _local_mean(a: np.ndarray) -> np.ndarray:
-    """Gaussian-weighted local mean, separable, reflected (half-sample symmetric) borders."""
+    """Gaussian-weighted local mean, separable, zero outside the image (the reference's padding)."""
     w = _gaussian_window()
-    return correlate1d(correlate1d(a, w, axis=0, mode="reflect"), w, axis=1, mode="reflect")
+    return correlate1d(correlate1d(a, w, axis=0, mode="constant"), w, axis=1, mode="constant")
 
 
 def naive_ssim(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
