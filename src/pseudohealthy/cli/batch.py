@@ -54,6 +54,31 @@ def add_scans_argument(parser: Any) -> None:
     )  # fmt: skip
 
 
+def add_ssim_arguments(parser: Any) -> None:
+    """``--faithful-ssim`` / ``--unit-ssim`` (``args.faithful_ssim``; default
+    :data:`~pseudohealthy.engine.defaults.FAITHFUL_SSIM`), the map's SSIM constants for every face."""
+    from pseudohealthy.engine.defaults import FAITHFUL_SSIM
+
+    ssim = parser.add_mutually_exclusive_group()
+    ssim.add_argument(
+        "--faithful-ssim",
+        dest="faithful_ssim",
+        action="store_const",
+        const=True,
+        default=FAITHFUL_SSIM,
+        help="the reference's SSIM constants, data range 255 on [0, 1] images"
+        + (" (the default)" if FAITHFUL_SSIM else ""),
+    )
+    ssim.add_argument(
+        "--unit-ssim",
+        dest="faithful_ssim",
+        action="store_const",
+        const=False,
+        help="SSIM constants of data range 1, the former default (maps span [0, 1])"
+        + ("" if FAITHFUL_SSIM else " (the default)"),
+    )
+
+
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc`` (itself, or the cause a library wrapped it in)."""
     while exc is not None:

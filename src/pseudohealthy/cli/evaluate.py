@@ -6,12 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pseudohealthy.cli.batch import Batch, OutputSet, check_output_dir
+from pseudohealthy.cli.batch import Batch, OutputSet, add_ssim_arguments, check_output_dir
 from pseudohealthy.engine.defaults import (
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
-    FAITHFUL_SSIM,
     SAMPLERS,
     SPACINGS,
     default_steps,
@@ -79,24 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     maps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     maps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     maps.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
-    ssim = maps.add_mutually_exclusive_group()
-    ssim.add_argument(
-        "--faithful-ssim",
-        dest="faithful_ssim",
-        action="store_const",
-        const=True,
-        default=FAITHFUL_SSIM,
-        help="the reference's SSIM constants, data range 255 on [0, 1] images"
-        + (" (the default)" if FAITHFUL_SSIM else ""),
-    )
-    ssim.add_argument(
-        "--unit-ssim",
-        dest="faithful_ssim",
-        action="store_const",
-        const=False,
-        help="SSIM constants of data range 1, the former default (maps span [0, 1])"
-        + ("" if FAITHFUL_SSIM else " (the default)"),
-    )
+    add_ssim_arguments(maps)
     parser.add_argument(
         "--slices-per-volume", type=int, help="evaluate N evenly spaced slices per scan (quick runs)"
     )

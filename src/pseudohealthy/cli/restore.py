@@ -9,14 +9,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pseudohealthy.cli.batch import Batch, OutputSet, add_scans_argument, check_output_dir, output_names
+from pseudohealthy.cli.batch import (
+    Batch,
+    OutputSet,
+    add_scans_argument,
+    add_ssim_arguments,
+    check_output_dir,
+    output_names,
+)
 from pseudohealthy.engine.defaults import (
     BASELINE_T_START,
     COMPILE_MODES,
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
-    FAITHFUL_SSIM,
     PRECISIONS,
     SAMPLERS,
     SPACINGS,
@@ -87,24 +93,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--member-maps", action="store_true", help="also write <name>_anomaly_<member>.nii.gz"
     )
-    ssim = parser.add_mutually_exclusive_group()
-    ssim.add_argument(
-        "--faithful-ssim",
-        dest="faithful_ssim",
-        action="store_const",
-        const=True,
-        default=FAITHFUL_SSIM,
-        help="the reference's SSIM constants, data range 255 on [0, 1] images"
-        + (" (the default)" if FAITHFUL_SSIM else ""),
-    )
-    ssim.add_argument(
-        "--unit-ssim",
-        dest="faithful_ssim",
-        action="store_const",
-        const=False,
-        help="SSIM constants of data range 1, the former default (maps span [0, 1])"
-        + ("" if FAITHFUL_SSIM else " (the default)"),
-    )
+    add_ssim_arguments(parser)
     parser.add_argument(
         "--slices",
         help="axial slices (canonical RAS+ index) to restore: 40:60 (end excluded), 45, or 10:20,45 "
