@@ -3,7 +3,6 @@ prediction or SSIM code with it), within TOLERANCE; the naive SSIM is scikit-ima
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from skimage.metrics import structural_similarity
 
 from conftest import phantom
 from pseudohealthy.data.io import volume_from_array
-from pseudohealthy.engine import defaults
 from pseudohealthy.engine.frame import restore_frame
 from pseudohealthy.engine.maps import anomaly_map, ensemble_map
 from pseudohealthy.engine.reference import naive_maps, naive_ssim, random_ensemble
@@ -25,9 +23,6 @@ from pseudohealthy.model.diffusion import Schedule
 
 TOLERANCE = 1e-4  # max abs difference of the ensemble maps (float32 network on the CPU, batch 3 vs 1)
 SLICES = [4, 6, 7]
-HAS_PREDICTION = "prediction" in inspect.signature(Schedule).parameters
-HAS_SPACING = "spacing" in {f for f in getattr(RestoreSettings, "__dataclass_fields__", {})}
-NO_PREDICTION = "Schedule has no `prediction` / `centred` fields yet (the samplers change has not landed)"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -105,14 +100,10 @@ def test_batched_engine_matches_naive_loop(
 
 
 def test_onepass_matches_naive_loop(volume, ensemble) -> None:
-    if "onepass" not in defaults.SAMPLERS:
-        pytest.skip("no 'onepass' sampler yet (the samplers change has not landed)")
     _check(volume, ensemble, sampler="onepass", steps=3)
 
 
 def test_trailing_spacing_matches_naive_loop(volume, ensemble) -> None:
-    if not HAS_SPACING:
-        pytest.skip("RestoreSettings has no `spacing` yet (the samplers change has not landed)")
     _check(volume, ensemble, sampler="ddim", steps=5, spacing="trailing")
 
 
@@ -127,8 +118,6 @@ def test_partial_noising_matches_naive_loop(volume, ensemble) -> None:
 def test_predictions_match_naive_loop(
     volume, tmp_path, prediction: str, sampler: str, zero_snr: bool
 ) -> None:
-    if not HAS_PREDICTION:
-        pytest.skip(NO_PREDICTION)
     schedule = Schedule(prediction=prediction, zero_snr=zero_snr, centred=False)
     ensemble = _ensemble_with(tmp_path, schedule)
     assert ensemble.schedule == schedule  # the checkpoint carries the prediction and range
@@ -157,7 +146,7 @@ def test_faithful_ssim_setting_reaches_the_maps(volume, ensemble) -> None:
 
 def test_frame_maps_follow_faithful_ssim(ensemble) -> None:
     """restore_frame's maps are engine.maps.anomaly_map of its own restorations, per setting."""
-    size = ensemble.image_size if hasattr(ensemble, "image_size") else 32
+    size = ensemble.image_size
     images = np.stack([phantom((size, size, 3), seed=s)[:, :, 1] for s in range(2)])
     masks = images > 0
     plan = RestoreSettings(sampler="ddim", steps=2).plan(ensemble.schedule, conditioned=ensemble.conditioned)
