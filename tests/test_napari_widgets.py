@@ -744,3 +744,44 @@ def test_window_presets_linked_and_side_by_side(
     # the uncertainty curve beside the score plot
     threshold = ThresholdWidget(viewer)
     assert threshold.spread_axes.lines and threshold.spread_axes.get_ylabel() == "uncertainty"
+
+
+def test_saved_anomaly_map_opens_like_the_live_layer(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
+) -> None:
+    """A map saved as <name>_anomaly.nii.gz opens (reader, `view`) with the live anomaly layer's
+    colormap, blending and display range, not the scan's percentile contrast; a scan keeps it."""
+    from pseudohealthy.cli import view as view_cli
+    from pseudohealthy.evaluation.testsets import ANOMALY_SUFFIX
+    from pseudohealthy.figures.ranges import display_range
+
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    widget = RestoreWidget(viewer)
+    assert widget.set_ensemble(tiny_ensemble)
+    _go(viewer, layer, 20)
+    _restore_now(widget, qtbot, mode="around", around=1)
+    live = viewer.layers[output_name(layer.name, "anomaly")]
+    assert tuple(live.contrast_limits) != (0.0, 1.0)  # the map's own range
+    path = tmp_path / f"{layer.name}{ANOMALY_SUFFIX}"
+    viewer.layers.selection = {live}
+    viewer.layers.save(str(path), selected=True, plugin="pseudohealthy")
+
+    def same_as_live(opened) -> None:
+        assert opened.colormap.name == live.colormap.name == "magma"
+        assert (opened.blending, opened.opacity) == (live.blending, live.opacity)
+        assert tuple(opened.contrast_limits) == pytest.approx(tuple(live.contrast_limits), rel=1e-6)
+        assert tuple(opened.contrast_limits_range) == pytest.approx(
+            tuple(live.contrast_limits_range), rel=1e-6
+        )
+        data = np.asarray(opened.data)
+        assert tuple(opened.contrast_limits) == pytest.approx(display_range(data), rel=1e-6)
+
+    (opened,) = viewer.open(str(path), plugin="pseudohealthy")
+    same_as_live(opened)
+    shown, _, _ = view_cli.open_viewer(path, viewer=make_napari_viewer())
+    same_as_live(shown.layers[0])
+    # a scan still opens grey, from its 0.5th to 99.5th percentile
+    (scan,) = viewer.open(str(tmp_path / "brats_flair.nii.gz"), plugin="pseudohealthy")
+    lo, hi = np.percentile(np.asarray(scan.data), [0.5, 99.5])
+    assert scan.colormap.name == "gray"
+    assert tuple(scan.contrast_limits) == pytest.approx((lo, hi))

@@ -230,6 +230,41 @@ def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, capl
         list(restore_iter(volume, ensemble, _fast(batch_size=2), slices=[3, 4]))
 
 
+def test_model_frame_restore_halves_the_batch(volume, ensemble, monkeypatch, caplog) -> None:
+    """``evaluate --frame model`` restores through the same out-of-memory halving as the engine."""
+    from pseudohealthy.engine import frame as engine_frame
+    from pseudohealthy.evaluation.frame import restore_frames
+
+    real = engine_frame.restore_frame_steps
+    sizes: list[int] = []
+
+    def flaky(models, names, images, *args, **kw):
+        sizes.append(images.shape[0])
+        if images.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield from real(models, names, images, *args, **kw)
+
+    slices = [3, 4, 5, 6]
+    expected = restore_frames(volume, ensemble, _fast(batch_size=4), slices=slices)
+    monkeypatch.setattr(engine_frame, "restore_frame_steps", flaky)
+    with caplog.at_level(logging.WARNING, logger="pseudohealthy.engine.restore"):
+        got = restore_frames(volume, ensemble, _fast(batch_size=4), slices=slices)
+    assert sizes == [4, 2, 1, 1, 1, 1]
+    assert "out of memory" in caplog.text
+    assert got.restored.tolist() == expected.restored.tolist() == slices
+    assert expected.maps[slices].max() > 0
+    np.testing.assert_allclose(got.maps, expected.maps, atol=1e-6)
+    np.testing.assert_allclose(got.restorations, expected.restorations, atol=1e-6)
+
+    def always(*args, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        yield
+
+    monkeypatch.setattr(engine_frame, "restore_frame_steps", always)
+    with pytest.raises(DeviceError, match="even with one slice"):
+        restore_frames(volume, ensemble, _fast(batch_size=2), slices=[3, 4])
+
+
 def test_samplers_and_settings_errors(volume, ensemble) -> None:
     for name, steps in (("dpm", 3), ("ddpm", 2)):
         res = _results(restore_iter(volume, ensemble, _fast(sampler=name, steps=steps), slices=[5]))

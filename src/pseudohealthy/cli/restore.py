@@ -186,9 +186,11 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _outputs(out_dir: Path, name: str, members: list[str] | None, preview: bool = False) -> dict[str, Path]:
+    from pseudohealthy.evaluation.testsets import ANOMALY_SUFFIX  # the one owner of the map's name
+
     outputs = {
         "pseudo_healthy": out_dir / f"{name}_pseudohealthy.nii.gz",
-        "anomaly": out_dir / f"{name}_anomaly.nii.gz",
+        "anomaly": out_dir / f"{name}{ANOMALY_SUFFIX}",
         "uncertainty": out_dir / f"{name}_uncertainty.nii.gz",
     }
     for member in members or []:

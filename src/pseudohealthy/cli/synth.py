@@ -4,12 +4,52 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pseudohealthy.cli.batch import OutputSet, check_output_dir
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 GALLERY_SLICES = 3
+
+
+class _TaskStyles(Sequence[str]):
+    """:data:`~pseudohealthy.data.anomalies.STYLES`, read when argparse first needs them (to check
+    a value or print the help): importing :mod:`pseudohealthy.data.anomalies` loads numpy, and
+    building the parser stays standard library only."""
+
+    @staticmethod
+    def _styles() -> tuple[str, ...]:
+        from pseudohealthy.data.anomalies.style import STYLES
+
+        return STYLES
+
+    def __getitem__(self, index):
+        return self._styles()[index]
+
+    def __len__(self) -> int:
+        return len(self._styles())
+
+
+def add_task_style_argument(parser: argparse.ArgumentParser) -> None:
+    """``--task-style`` (choices :data:`~pseudohealthy.data.anomalies.STYLES`), shared by ``synth``
+    and ``train``. Its parsed default is None: :func:`task_style` gives ``synth`` the default style,
+    ``train`` takes the run being resumed's, else :class:`TrainConfig`'s."""
+    parser.add_argument(
+        "--task-style",
+        choices=_TaskStyles(),
+        metavar="STYLE",
+        help="the synthetic tasks' details (%(choices)s): 'reference' (the default) follows Baugh et "
+        "al.'s task library, 'legacy' keeps this project's earlier tasks, to measure the departure "
+        "(see docs/FAITHFULNESS.md)",
+    )
+
+
+def task_style(args: argparse.Namespace) -> str:
+    """The ``--task-style`` given, else :data:`~pseudohealthy.data.anomalies.DEFAULT_STYLE`."""
+    from pseudohealthy.data.anomalies.style import DEFAULT_STYLE
+
+    return args.task_style or DEFAULT_STYLE
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -39,6 +79,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=128, help="model-frame slice size (default 128)")
     parser.add_argument("--slices", type=int, help="corrupt only N evenly spaced foreground slices")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_task_style_argument(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -70,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from pseudohealthy.figures.gallery import save_gallery
 
     quiet = bool(getattr(args, "quiet", False))
+    style = task_style(args)
     tasks = _tasks(args.task)
     if not tasks:
         raise PseudohealthyError("no task given")
@@ -108,7 +150,13 @@ def run(args: argparse.Namespace) -> int:
                 return tqdm(it, desc=TASKS[t], unit="slice", disable=quiet, leave=False)
 
             result = corrupt_scan(
-                prepared, t, seed=args.seed, positions=positions, inter_sources=inter, progress=bar
+                prepared,
+                t,
+                seed=args.seed,
+                positions=positions,
+                inter_sources=inter,
+                progress=bar,
+                style=style,
             )
             image_path, mask_path = outputs[t]
             out.write(image_path, save_like, result.volume, volume, image_path, overwrite=args.overwrite)
@@ -120,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             ]
             if not quiet:
                 print(f"{TASKS[t]}: {len(positions)} slices -> {image_path}, {mask_path}")
-        title = f"{name}: synthetic anomalies (seed {args.seed})"
+        title = f"{name}: synthetic anomalies (seed {args.seed}, {style} tasks)"
         out.write(gallery_path, save_gallery, gallery_path, rows, title=title)
     if not quiet:
         print(f"gallery -> {gallery_path}")

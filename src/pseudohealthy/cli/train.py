@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pseudohealthy.cli.synth import add_task_style_argument
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 log = logging.getLogger("pseudohealthy.training")
@@ -37,6 +38,7 @@ _FIELDS = {
     "init_seed": "init_seed",
     "val_start": "val_start",
     "val_fresh": "val_fresh",
+    "task_style": "task_style",
 }
 _PER_FOLD = "fold"  # --init-seed fold: initialise each fold from its own member seed
 _NOT_FROM_SAVED = ("device", "quiet", "step_delay", "num_workers")
@@ -102,6 +104,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--inter-dir", type=Path, help="images of another modality for poisson_inter")
     parser.add_argument("--norm", choices=("max", "percentile"), help="intensity normalisation (default max)")
     _add_model_options(parser)
+    add_task_style_argument(parser)  # not given: the resumed run's style, else the default
     parser.add_argument("--step-delay", type=float, help=argparse.SUPPRESS)  # testing aid
     parser.set_defaults(func=run)
     return parser

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pseudohealthy.data.anomalies import Corruptor, keyed_rng, sample_rng, task_indices
+from pseudohealthy.data.anomalies import DEFAULT_STYLE, Corruptor, keyed_rng, sample_rng, task_indices
 from pseudohealthy.data.io import (
     is_dicom_folder,
     is_dicom_source,
@@ -350,7 +350,8 @@ class CorruptedSliceDataset(Dataset):
     ``x0`` the clean slice and ``cond`` its corrupted version, (1, S, S) float32 in [0, 1];
     ``mask`` (1, S, S) bool the anomaly; ``task`` the task index (-1: left clean, ``p_none``).
     Keys are positions ``i`` (epoch from :meth:`set_epoch`) or ``(epoch, i)`` pairs; the
-    random stream is ``sample_rng(seed, slice, epoch)``, the same in any worker.
+    random stream is ``sample_rng(seed, slice, epoch)``, the same in any worker. ``style``: the
+    tasks' details (:data:`~pseudohealthy.data.anomalies.STYLES`).
     """
 
     def __init__(
@@ -363,6 +364,7 @@ class CorruptedSliceDataset(Dataset):
         p_none: float = 0.2,
         inter_sources: Sequence[np.ndarray] | None = None,
         max_anomalies: int = 4,
+        style: str = DEFAULT_STYLE,
     ) -> None:
         self.images = data.images
         self.masks = data.masks
@@ -373,7 +375,7 @@ class CorruptedSliceDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.corruptor = Corruptor(
-            self.tasks, p_none=p_none, max_anomalies=max_anomalies, inter_sources=inter_sources
+            self.tasks, p_none=p_none, max_anomalies=max_anomalies, inter_sources=inter_sources, style=style
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -430,11 +432,13 @@ def build_validation(
     inter_sources: Sequence[np.ndarray] | None = None,
     max_slices: int | None = None,
     progress: bool = False,
+    style: str = DEFAULT_STYLE,
 ) -> ValidationSet:
     """Corrupt held-out slices once (deterministic from ``seed``) with ``tasks``.
 
     At most ``max_slices`` evenly spaced slices are kept. Intra-set sources are the other
-    held-out slices (the training slices when only one is held out).
+    held-out slices (the training slices when only one is held out). ``style``: the tasks' details
+    (:data:`~pseudohealthy.data.anomalies.STYLES`).
     """
     from tqdm import tqdm
 
@@ -442,7 +446,7 @@ def build_validation(
     if max_slices is not None and idx.size > max_slices:
         idx = idx[np.unique(np.linspace(0, idx.size - 1, max_slices).round().astype(int))]
     tasks = task_indices(tasks)
-    corruptor = Corruptor(tasks, p_none=p_none, inter_sources=inter_sources)
+    corruptor = Corruptor(tasks, p_none=p_none, inter_sources=inter_sources, style=style)
     own_pool = idx.size >= 2
     pool = idx if own_pool else np.asarray(data.train_index, dtype=np.int64)
     s = data.size

@@ -9,6 +9,8 @@ lockstep), scored with 1 - SSIM in the model frame and mapped back to the slice'
   :class:`SliceResult` per slice as soon as its batch is done, in the order of ``slices``; its
   :class:`Restoration` keeps the run's :class:`~pseudohealthy.engine.record.RunRecord`.
 - :func:`restore_volume` folds a whole run into a :class:`RestoreResult`.
+- :func:`halving_batches` batches the slices and halves the batch on a CUDA out-of-memory: the
+  one rule of this engine and of the evaluation's model frame.
 
 Reproducibility: slice ``k`` of member ``m`` draws its noise from a generator seeded from
 ``(seed, k, member name)`` (:func:`~pseudohealthy.engine.sampler.slice_seed`), so a slice's result
@@ -42,6 +44,7 @@ __all__ = [
     "Restoration",
     "RestoreResult",
     "SliceResult",
+    "halving_batches",
     "prepare_for",
     "restore_iter",
     "restore_volume",
@@ -386,35 +389,60 @@ def _iterate(
     done_slices = 0
     message = f"restoring {len(order)} slice(s) with {len(run.models)} member(s) on {run.device}"
     yield Progress(0, total, message, 0, len(order))
-    queue = list(order)
-    while queue and not should_stop():
-        batch, queue = queue[:batch_size], queue[batch_size:]
-        label = ", ".join(str(k) for k in batch[:4]) + (" …" if len(batch) > 4 else "")
-        started = time.perf_counter()
-        frame: FrameResult | None = None
-        try:
-            for item in _batch_steps(run, batch):
-                if isinstance(item, FrameResult):
-                    frame = item
-                    break
+    started = time.perf_counter()
+
+    def steps(batch: list[int]) -> Iterator[int | FrameResult]:
+        nonlocal started
+        started = time.perf_counter()  # a batch retried after an out-of-memory: from the retry
+        return _batch_steps(run, batch)
+
+    if should_stop():
+        return
+    for batch, item in halving_batches(order, batch_size, run.device, steps):
+        if isinstance(item, FrameResult):
+            seconds = (time.perf_counter() - started) / len(batch)
+            for res in _slice_results(run, batch, item, seconds):
                 if should_stop():
                     return
-                done = done_slices * n_steps + item * len(batch)
-                yield Progress(done, total, f"axial {label}: step {item}/{n_steps}", done_slices, len(order))
-                if should_stop():  # before the next step, not after it
-                    return
-        except torch.cuda.OutOfMemoryError:
-            pass
-        if frame is None:  # out of memory: outside the handler, so no traceback holds the tensors
-            batch_size = _halve(batch, run.device)
-            queue = batch + queue
-            continue
-        seconds = (time.perf_counter() - started) / len(batch)
-        for res in _slice_results(run, batch, frame, seconds):
-            if should_stop():
+                done_slices += 1
+                yield res
+            if should_stop():  # before the next batch starts
                 return
-            done_slices += 1
-            yield res
+            continue
+        if should_stop():
+            return
+        label = ", ".join(str(k) for k in batch[:4]) + (" …" if len(batch) > 4 else "")
+        done = done_slices * n_steps + item * len(batch)
+        yield Progress(done, total, f"axial {label}: step {item}/{n_steps}", done_slices, len(order))
+        if should_stop():  # before the next step, not after it
+            return
+
+
+def halving_batches(
+    order: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    steps: Callable[[list[int]], Iterable[int | FrameResult]],
+) -> Iterator[tuple[list[int], int | FrameResult]]:
+    """``(batch, item)`` for every item of ``steps(batch)`` (step numbers, then one
+    :class:`~pseudohealthy.engine.frame.FrameResult`), ``order`` taken ``batch_size`` slices at a
+    time. A CUDA out-of-memory in a batch retries it, and every later batch, with half as many
+    slices (a :class:`~pseudohealthy.device.DeviceError` at one slice); the retried batch's items
+    start again. The one out-of-memory rule of every restoration (the engine's, the model frame's)."""
+    queue = list(order)
+    while queue:
+        batch, queue = queue[:batch_size], queue[batch_size:]
+        out_of_memory = False
+        try:
+            for item in steps(batch):
+                yield batch, item
+                if isinstance(item, FrameResult):
+                    break
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # outside the handler, so no traceback holds the tensors
+            batch_size = _halve(batch, device)
+            queue = batch + queue
 
 
 def _halve(batch: list[int], device: torch.device) -> int:

@@ -22,7 +22,7 @@ rules without restoring again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -221,13 +221,15 @@ def restore_frames(
     Preprocessing is the engine's (:func:`~pseudohealthy.engine.restore.prepare_for`: the
     ensemble's size and normalisation, ``settings.square``); slices whose model-frame input is
     all 0 are not restored (their map is 0 under any foreground rule). The networks run through
-    :func:`~pseudohealthy.engine.frame.restore_frame` with the engine's per-slice seeds, so a
-    slice restores as in ``restore``; the maps are kept unmasked, for :func:`frame_slices`.
+    :func:`~pseudohealthy.engine.frame.restore_frame_steps` with the engine's per-slice seeds, so a
+    slice restores as in ``restore``, batched as there (a CUDA out-of-memory halves the batch:
+    :func:`~pseudohealthy.engine.restore.halving_batches`); the maps are kept unmasked, for
+    :func:`frame_slices`.
     ``models``: the members' networks already on ``settings.device`` (None: loaded here).
     """
     from pseudohealthy.device import resolve_device
-    from pseudohealthy.engine.frame import compiled, default_batch_size, restore_frame
-    from pseudohealthy.engine.restore import prepare_for
+    from pseudohealthy.engine.frame import FrameResult, compiled, default_batch_size, restore_frame_steps
+    from pseudohealthy.engine.restore import halving_batches, prepare_for
 
     settings = settings.validate()
     prepared = prepare_for(volume, ensemble, settings, brain_mask)
@@ -244,15 +246,18 @@ def restore_frames(
         plan = settings.plan(ensemble.schedule, conditioned=ensemble.conditioned)
         size = prepared.geometry.size
         batch = settings.batch_size or default_batch_size(device, size)
-        for start in range(0, len(todo), batch):
-            ks = todo[start : start + batch]
-            result = restore_frame(
+
+        def steps(ks: list[int]) -> Iterator[int | FrameResult]:
+            return restore_frame_steps(
                 models, ensemble.names, images[ks], np.ones((len(ks), size, size), dtype=bool), ks,
                 plan, ensemble.schedule, seed=settings.seed, conditioned=ensemble.conditioned,
                 device=device, precision=settings.precision, faithful_ssim=settings.faithful_ssim,
             )  # fmt: skip
-            maps[ks] = result.maps
-            rest[ks] = result.restorations.mean(axis=0)
+
+        for ks, result in halving_batches(todo, batch, device, steps):  # halved on out-of-memory
+            if isinstance(result, FrameResult):
+                maps[ks] = result.maps
+                rest[ks] = result.restorations.mean(axis=0)
     return FrameRestoration(
         prepared.geometry,
         images,

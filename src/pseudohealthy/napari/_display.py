@@ -1,6 +1,9 @@
 """How the canvas shows a scan: window/level presets, linked contrast, map ranges, side by side,
 edge labels.
 
+An anomaly map is drawn one way (:func:`anomaly_style`, limits from :func:`map_range`), whether
+restored live or opened from a file (:func:`saved_map_range`).
+
 The edge labels name the patient direction at each edge of the canvas (R/L, A/P, S/I) for the
 displayed plane, from :data:`pseudohealthy.figures.orientation.EDGE_LABELS` when the camera shows
 the plane in the project's convention (radiological; :func:`pseudohealthy.napari._layers.
@@ -76,6 +79,20 @@ def map_range(view: np.ndarray, slices: Sequence[int]) -> tuple[float, float]:
         return display_range(np.zeros(0, dtype=np.float32))
     values = np.asarray(view[:, :, sorted(slices)]).reshape(-1)
     return display_range(values[:: max(values.size // MAP_SAMPLE, 1)])
+
+
+def anomaly_style() -> dict[str, Any]:
+    """How an anomaly map layer is drawn, restored live or opened from a file: magma, additive,
+    over the scan (its contrast limits: :func:`map_range`)."""
+    return {"colormap": "magma", "blending": "additive", "opacity": 0.6}
+
+
+def saved_map_range(view: np.ndarray) -> tuple[float, float]:
+    """:func:`map_range` of a map read from a file (canonical view): its restored slices are the
+    axial slices holding a positive value (0 elsewhere), so it opens as it was shown live."""
+    arr = np.asarray(view)
+    restored = np.flatnonzero((arr > 0).any(axis=(0, 1))) if arr.ndim == 3 else []
+    return map_range(arr, [int(k) for k in restored])
 
 
 def show_range(limits: tuple[float, float], *layers: Image | None) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pseudohealthy.engine.record import RunRecord
+from pseudohealthy.napari._display import anomaly_style
 from pseudohealthy.napari._layers import NIFTI_KEY, geometry_kwargs
 
 if TYPE_CHECKING:
@@ -211,10 +212,8 @@ def _add(
         data,
         name=name,
         metadata=meta,
-        colormap="magma",
-        blending="additive",
-        opacity=0.6,
         contrast_limits=(0.0, 1.0),  # until slices arrive: then display_range of the map
+        **anomaly_style(),
         **geometry,
     )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pseudohealthy.data.anomalies.style import DEFAULT_STYLE, check_style
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.model.diffusion import LEGACY_SCHEDULE, Schedule
 from pseudohealthy.model.network import PRESETS, ConfigError, ModelConfig, get_preset
@@ -98,15 +99,22 @@ MUST_MATCH = (
     "centred",
     "init_seed",
     "init_from",
+    "task_style",
 )
 
 # what a resumable state saved before a MUST_MATCH setting existed was trained with: the legacy
-# schedule ([-1, 1] epsilon models), networks initialised from the member seed, fixed validation
+# schedule ([-1, 1] epsilon models), networks initialised from the member seed, fixed validation.
+# task_style: state.saved_config fills a setting a state lacks from here (one left out reads as
+# None, and no resume would match it), so the value must be the tasks such a state really used.
+# Training used the legacy tasks until "Faithful by default" (f1da443, 2026-12-02) and only the
+# reference's from then until this setting: the states that lack it and survive are all
+# "reference" (none from before f1da443 survives; they would also predate the schedule settings).
 LEGACY_VALUES: dict[str, Any] = {
     **LEGACY_SCHEDULE,
     "init_seed": None,
     "init_from": None,
     "val_fresh": False,
+    "task_style": check_style("reference"),  # a fixed fact of the past, not DEFAULT_STYLE
 }
 
 
@@ -157,6 +165,7 @@ class TrainConfig:
     prediction: str = "epsilon"  # what the network predicts (model.diffusion.PREDICTIONS)
     zero_snr: bool = False  # rescale the betas to a zero terminal SNR (needs v or sample)
     centred: bool = False  # model range [-1, 1] (older checkpoints) instead of the reference's [0, 1]
+    task_style: str = DEFAULT_STYLE  # the synthetic tasks' details (data.anomalies.style.STYLES)
     device: str = "auto"
     precision: str = "auto"
     norm: str = "max"
@@ -219,6 +228,10 @@ class TrainConfig:
             raise TrainError(f"the learning rate must be positive, got {self.lr}")
         if self.norm not in ("max", "percentile"):
             raise TrainError(f"unknown normalisation {self.norm!r} (use 'max' or 'percentile')")
+        try:
+            check_style(self.task_style)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
         self._validate_diffusion()
         self.model_config()
 

@@ -286,7 +286,13 @@ def _set_up(
     if inter_sources is None and 1 in train_tasks + val_tasks:
         inter_sources = load_inter_sources(config.inter_dir, size=data.size)
     dataset = CorruptedSliceDataset(
-        data, data.train_index, train_tasks, seed=seed, p_none=config.p_none, inter_sources=inter_sources
+        data,
+        data.train_index,
+        train_tasks,
+        seed=seed,
+        p_none=config.p_none,
+        inter_sources=inter_sources,
+        style=config.task_style,
     )
     s.val_build = _validation_builder(s, data, val_tasks, inter_sources)
     if s.val_build is not None and not config.val_fresh:
@@ -333,6 +339,7 @@ def _validation_builder(
         inter_sources=inter_sources,
         max_slices=config.val_max_slices,
         progress=not config.quiet,
+        style=config.task_style,
     )
 
 
@@ -370,7 +377,7 @@ def _log_start(
     s: _Session, data: HealthySlices, train_tasks: Sequence[int], val_tasks: Sequence[int]
 ) -> None:
     log.info(
-        "fold %d: preset %s (%s px, %.2fM parameters), tasks %s, validation %s; %d training / %d "
+        "fold %d: preset %s (%s px, %.2fM parameters), tasks %s, validation %s (%s style); %d training / %d "
         "held-out slices; %s, %s, batch %d x %d rank(s)",
         s.fold,
         s.config.preset,
@@ -378,6 +385,7 @@ def _log_start(
         count_parameters(s.run.model) / 1e6,
         "+".join(TASKS[t] for t in train_tasks),
         "+".join(TASKS[t] for t in val_tasks),
+        s.config.task_style,
         data.train_index.size,
         data.val_index.size,
         s.device,
