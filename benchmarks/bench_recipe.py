@@ -29,16 +29,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT_CONFIGS = "ddpm:50,ddim:10,ddim:5,onepass:1,onepass:5"
 
 
-def _parse_configs(text: str) -> list[tuple[str, int]]:
+def _parse_configs(text: str) -> list[tuple[str, int, str]]:
+    """``sampler:steps[:spacing]`` items -> (sampler, steps, spacing); spacing default: the library's."""
+    from pseudohealthy.engine.defaults import DEFAULT_SPACING, SPACINGS
+
     out = []
     for item in text.split(","):
-        sampler, _, steps = item.strip().partition(":")
-        out.append((sampler, int(steps)))
+        sampler, steps, *rest = item.strip().split(":")
+        spacing = rest[0] if rest else DEFAULT_SPACING
+        if spacing not in SPACINGS:
+            raise SystemExit(f"unknown spacing {spacing!r} in {item!r}; choose one of {', '.join(SPACINGS)}")
+        out.append((sampler, int(steps), spacing))
     return out
 
 
 def evaluate_arm(
-    member_dir: Path, configs: list[tuple[str, int]], args: argparse.Namespace
+    member_dir: Path, configs: list[tuple[str, int, str]], args: argparse.Namespace
 ) -> dict[str, Any]:
     """Every sampler setting of one member on its synthetic validation set."""
     from bench_steps import synthetic_set, validation_tasks
@@ -60,8 +66,10 @@ def evaluate_arm(
     models = [m.model("cpu") for m in ensemble.members]
     info = ensemble.members[0].info
     rows = []
-    for sampler, steps in configs:
-        settings = RestoreSettings(sampler=sampler, steps=steps, seed=args.seed, device="cpu")
+    for sampler, steps, spacing in configs:
+        settings = RestoreSettings(
+            sampler=sampler, steps=steps, spacing=spacing, seed=args.seed, device="cpu"
+        )
         plan = settings.plan(ensemble.schedule, conditioned=ensemble.conditioned)
         frame = restore_frame(
             models, ensemble.names, syn["images"], syn["fg"], list(range(len(targets))), plan,
@@ -77,6 +85,7 @@ def evaluate_arm(
             {
                 "sampler": sampler,
                 "steps": steps,
+                "spacing": spacing,
                 "unet_passes": plan.n_steps * len(models),
                 "ap_pixel": metrics["ap_pixel"],
                 "best_dice": metrics["best_dice"],
@@ -95,6 +104,11 @@ def evaluate_arm(
     }
 
 
+def _label(row: dict[str, Any]) -> str:
+    """The row's sampler, with its spacing when trailing."""
+    return row["sampler"] + (" (trailing)" if row.get("spacing") == "trailing" else "")
+
+
 def table(arms: list[dict[str, Any]]) -> str:
     lines = [
         "| member | prediction | trained steps | training wall s | sampler | steps | UNet passes "
@@ -106,7 +120,7 @@ def table(arms: list[dict[str, Any]]) -> str:
         for r in arm["rows"]:
             lines.append(
                 f"| {arm['member']} | {arm['prediction']} | {arm['steps_trained']} | {arm['train_time_s']} "
-                f"| {r['sampler']} | {r['steps']} | {r['unet_passes']} | {r['ap_pixel']:.3f} "
+                f"| {_label(r)} | {r['steps']} | {r['unet_passes']} | {r['ap_pixel']:.3f} "
                 f"| {r['best_dice']:.3f} | {r['val_ssim_out']:.3f} | {r['val_psnr_out']:.1f} "
                 f"| {r['val_ssim_in']:.3f} |"
             )
@@ -144,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--healthy-lesion", type=Path, help="its lesion mask (lesion slices are left out)")
     parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="sampler:steps,... (default %(default)s)")
+    parser.add_argument(
+        "--configs", default=DEFAULT_CONFIGS, help="sampler:steps[:spacing],... (default %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/recipe"))

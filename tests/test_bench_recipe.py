@@ -44,3 +44,14 @@ def test_bench_recipe_tiny_member(tmp_path: Path) -> None:
         assert 0.0 <= row["ap_pixel"] <= 1.0 and -1.0 <= row["val_ssim_out"] <= 1.0
         assert np.isfinite(row["val_psnr_out"]) and row["val_psnr_out"] < 100.0  # a random member is no copy
     assert (tmp_path / "o" / "recipe.png").stat().st_size > 1000
+
+
+def test_configs_take_an_optional_spacing() -> None:
+    import pytest
+
+    from pseudohealthy.engine.defaults import DEFAULT_SPACING
+
+    parse = _bench()._parse_configs
+    assert parse("ddim:2:trailing,ddpm:5") == [("ddim", 2, "trailing"), ("ddpm", 5, DEFAULT_SPACING)]
+    with pytest.raises(SystemExit, match="unknown spacing 'sideways'"):
+        parse("ddim:2:sideways")

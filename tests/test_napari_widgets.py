@@ -598,6 +598,9 @@ def test_threshold_rules() -> None:
     value, rule = suggest_threshold(amap, slices, scores)
     assert rule == "otsu" and 0.3 <= value <= 0.6  # between the tissue and the lesion
     assert suggest_threshold(amap, slices, scores, validation=0.4) == (0.4, "validation")
+    # a near-zero validation cut flags the whole foreground: not used, Otsu instead
+    assert suggest_threshold(amap, slices, scores, validation=2e-6) == (value, "otsu")
+    assert suggest_threshold(amap, [], [], validation=2e-6) == (2e-6, "validation")  # nothing to check yet
     amap[10:20, 10:20, 4] = amap[0:10, 0:10, 4]  # slice 4 healthy, with a clearly lower score
     value, rule = suggest_threshold(amap, [0, 4], [0.2, 0.05])
     assert rule == "calm" and value == pytest.approx(np.percentile(amap[:, :, 4], 99))

@@ -76,7 +76,7 @@ def test_resolve_ensemble(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sample.BUNDLED_ENSEMBLES, "demo-t1", "no_such_folder")
     with pytest.raises(PseudohealthyError, match="'demo-t1' is not installed"):
         sample.resolve_ensemble("demo-t1")
-    with pytest.raises(PseudohealthyError, match="bundled: demo, demo-t1"):
+    with pytest.raises(PseudohealthyError, match="bundled: demo, demo-epsilon, demo-t1"):
         sample.resolve_ensemble("other")
 
 
@@ -117,3 +117,17 @@ def test_help_stays_light() -> None:
             [sys.executable, "-m", "pseudohealthy", "--help"], capture_output=True, text=True, check=True
         ).stdout
     )
+
+
+def test_both_bundled_ensembles_resolve_by_name_and_differ_in_recipe() -> None:
+    from pseudohealthy.model.checkpoint import Ensemble
+
+    v = Ensemble.from_dir(sample.resolve_ensemble("demo"))
+    epsilon = Ensemble.from_dir(sample.resolve_ensemble("demo-epsilon"))
+    assert {m.prediction for m in v.members} == {"v"}
+    assert {m.prediction for m in epsilon.members} == {"epsilon"}
+    assert {m.schedule.centred for m in epsilon.members} == {True}  # the legacy [-1, 1] range
+    assert sorted(m.info["fold"] for m in v.members) == sorted(m.info["fold"] for m in epsilon.members)
+    for name in sample.BUNDLED_ENSEMBLES:
+        assert sample.bundled_name(sample.bundled_ensemble_path(name)) == name
+    assert sample.bundled_name(sample.sample_data_dir()) is None

@@ -13,6 +13,7 @@ from pseudohealthy.errors import PseudohealthyError
 __all__ = [
     "BUNDLED_ENSEMBLES",
     "bundled_ensemble_path",
+    "bundled_name",
     "copy_sample",
     "demo_ensemble_path",
     "resolve_ensemble",
@@ -28,10 +29,12 @@ DEMO_ENSEMBLE = "demo_ensemble"
 
 BUNDLED_ENSEMBLES = {
     "demo": DEMO_ENSEMBLE,
+    "demo-epsilon": "demo_ensemble_epsilon",
 }
 """Names that ``--ensemble`` (``restore``, ``evaluate``, ``view``) and the viewer's ensemble field
 accept for a bundled ensemble -> its folder under ``sample_data``. One entry per bundled
-ensemble (e.g. ``"demo-t1"`` when a T1 ensemble is bundled)."""
+ensemble: ``demo`` (v prediction, the recipe study's choice), ``demo-epsilon`` (the epsilon
+members it replaced, kept for comparison); e.g. ``"demo-t1"`` when a T1 ensemble is bundled."""
 
 
 def sample_data_dir() -> Path:
@@ -154,6 +157,19 @@ def _copy_folder(src: Path, target: Path) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def bundled_name(path: str | Path) -> str | None:
+    """The :data:`BUNDLED_ENSEMBLES` name of the folder ``path``, None when it is not bundled."""
+    try:
+        root = sample_data_dir()
+    except FileNotFoundError:
+        return None
+    target = Path(path).resolve()
+    for name, folder in BUNDLED_ENSEMBLES.items():
+        if (root / folder).resolve() == target:
+            return name
+    return None
 
 
 def _bundled_names() -> str:

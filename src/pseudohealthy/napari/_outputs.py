@@ -289,6 +289,20 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[1:-1][int(np.argmax(between))])
 
 
+MAX_FLAGGED = 0.5
+"""The largest share of the restored foreground a member validation threshold may flag."""
+
+
+def _flagged_fraction(anomaly_canonical: np.ndarray, slices: list[int], threshold: float) -> float:
+    """The share of the restored slices' foreground (map > 0) at or above ``threshold``; 0 before
+    any slice is restored."""
+    if not slices:
+        return 0.0
+    values = anomaly_canonical[:, :, sorted(slices)]
+    values = values[values > 0]
+    return float(np.mean(values >= threshold)) if values.size else 0.0
+
+
 def suggest_threshold(
     anomaly_canonical: np.ndarray,
     slices: list[int],
@@ -306,9 +320,12 @@ def suggest_threshold(
        constants is about a smoothed squared error, whose long tail draws plain Otsu too high
        (per-slice Dice on 9 tumour slices of dev patients 0003-0005, demo ensemble: 0.621 on the
        square root, 0.529 plain; data range 1 maps: 0.377 and 0.378).
-    Returns ``(None, "default")`` before any slice is restored.
+    Returns ``(None, "default")`` before any slice is restored. A validation threshold that
+    would flag more than :data:`MAX_FLAGGED` of the restored foreground is not used (members whose
+    synthetic validation barely separates find their best Dice at a near-zero cut: the bundled
+    demo members record about 2e-6, which marks the whole brain); the rules below take over.
     """
-    if validation is not None:
+    if validation is not None and _flagged_fraction(anomaly_canonical, slices, validation) <= MAX_FLAGGED:
         return float(validation), "validation"
     if not slices:
         return None, "default"

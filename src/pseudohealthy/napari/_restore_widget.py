@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from pseudohealthy.data.sample import demo_ensemble_path, resolve_ensemble
+from pseudohealthy.data.sample import bundled_name, demo_ensemble_path, resolve_ensemble
 from pseudohealthy.engine.defaults import FAITHFUL_SSIM
 from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.errors import PseudohealthyError
@@ -721,13 +721,13 @@ OUTPUT_ROLES = ("pseudo", "anomaly", "mask", "uncertainty")
 
 
 def _display_name(path: str | Path) -> str:
-    """What the ensemble field shows: a bundled ensemble's name (``demo``), else the path with
-    ``~`` for the home folder."""
+    """What the ensemble field shows: a bundled ensemble's name (``demo``, ``demo-epsilon``), else
+    the path with ``~`` for the home folder."""
     if not str(path):
         return ""
-    demo = demo_ensemble_path()
-    if demo is not None and Path(path).resolve() == Path(demo).resolve():
-        return "demo"
+    name = bundled_name(path)
+    if name is not None:
+        return name
     home = str(Path.home())
     text = str(path)
     return "~" + text[len(home) :] if text.startswith(home + "/") else text
