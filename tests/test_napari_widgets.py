@@ -262,6 +262,29 @@ def _with_info(source: Path, target: Path, **changes: dict) -> Path:
     return target
 
 
+def test_near_zero_validation_threshold_gives_way_to_the_map(
+    make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
+) -> None:
+    """Members whose recorded best-Dice cut is near zero (the bundled demo's: about 2e-6) would
+    flag the whole brain: once slices arrive the mask follows a rule computed on the map."""
+    faithful = {"faithful_ssim": True, "best_threshold": 2e-6}
+    ensemble = _with_info(
+        tiny_ensemble, tmp_path / "ens", fold0={"validation": faithful}, fold1={"validation": faithful}
+    )
+    viewer, layer = _open_brats(make_napari_viewer, shared_data, tmp_path)
+    widget = RestoreWidget(viewer)
+    assert widget.set_ensemble(ensemble)
+    _start(widget, qtbot, sampler="ddim", steps=2, mode="current")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    anomaly = viewer.layers[output_name(layer.name, "anomaly")]
+    mask = viewer.layers[output_name(layer.name, "mask")]
+    assert record(anomaly)["ensemble_threshold"] == pytest.approx(2e-6)
+    assert record(mask)["threshold_rule"] in ("calm", "otsu")
+    assert record(mask)["threshold"] > 1e-4
+    restored = np.asarray(anomaly.data) > 0
+    assert np.asarray(mask.data)[restored].mean() < 0.5  # not the whole brain
+
+
 def test_threshold_suggestion_from_validation(
     make_napari_viewer, shared_data: Path, tmp_path: Path, qtbot, tiny_ensemble
 ) -> None:

@@ -62,6 +62,7 @@ from pseudohealthy.napari._layers import (
 )
 from pseudohealthy.napari._outputs import (
     DEFAULT_THRESHOLD,
+    RULES,
     OutputLayers,
     ensure_outputs,
     find_output,
@@ -617,12 +618,14 @@ class RestoreWidget(QWidget):
 
     def _threshold_slice(self, k: int) -> None:
         """Threshold slice ``k`` into the mask; while no user threshold is set, the mask follows
-        the suggestion over all restored slices (re-thresholding them when it moves)."""
+        the suggestion over all restored slices (re-thresholding them when it moves; a member
+        validation threshold too, which :func:`suggest_threshold` drops when it flags most of the
+        restored brain)."""
         run, outputs = self._run, self.outputs
         assert run is not None and outputs is not None
         rec = record(outputs.mask)
         threshold = float(rec.get("threshold", run.threshold))
-        if rec.get("threshold_rule", "user") in ("default", "calm", "otsu"):
+        if rec.get("threshold_rule", "user") in RULES:  # an automatic rule, not the user's
             slices = run.record.restored
             scores = [run.record.slice_scores[j] for j in slices]
             value, rule = suggest_threshold(run.views["anomaly"], slices, scores, run.suggested)
