@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recipe.py"
+from benchmark_modules import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_recipe", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_recipe")
 
 
 def test_bench_recipe_tiny_member(tmp_path: Path) -> None:

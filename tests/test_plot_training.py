@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from benchmark_modules import load_benchmark
 from pseudohealthy.training.config import LOG_FIELDS
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_training.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("plot_training", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("plot_training")
 
 
 def _member(folder: Path, rows: list[dict]) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,6 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from benchmark_modules import load_benchmark
 from conftest import SHARED_DATA
 from recompute import (
     MASK_THRESHOLD,
@@ -33,11 +33,7 @@ METRICS = ("ap_image", "auroc", "ap_pixel", "best_dice", "dice_at_5fpr", "n_slic
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name)
 
 
 def _run(script: str, out: Path, *extra: str) -> subprocess.CompletedProcess:

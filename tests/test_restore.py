@@ -201,9 +201,9 @@ def test_unconditioned_baseline_uses_partial_noising(volume, baseline_dir: Path)
         restore_volume(volume, ens, RestoreSettings(device="cpu", t_start=1000), slices=[5])
 
 
-def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, caplog) -> None:
-    real = restore.restore_frame_steps
-    sizes: list[int] = []
+def _out_of_memory_above_one(real, sizes: list[int]):
+    """``real`` (a ``restore_frame_steps``) that records batch sizes and runs out of memory
+    (simulated) for batches above one slice."""
 
     def flaky(models, names, images, *args, **kw):
         sizes.append(images.shape[0])
@@ -211,6 +211,17 @@ def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, capl
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         yield from real(models, names, images, *args, **kw)
 
+    return flaky
+
+
+def _always_out_of_memory(*args, **kw):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    yield
+
+
+def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, caplog) -> None:
+    sizes: list[int] = []
+    flaky = _out_of_memory_above_one(restore.restore_frame_steps, sizes)
     expected = _results(restore_iter(volume, ensemble, _fast(batch_size=1), slices=[3, 4, 5, 6]))
     monkeypatch.setattr(restore, "restore_frame_steps", flaky)
     with caplog.at_level(logging.WARNING, logger="pseudohealthy.engine.restore"):
@@ -221,11 +232,7 @@ def test_cuda_out_of_memory_halves_the_batch(volume, ensemble, monkeypatch, capl
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a.anomaly, b.anomaly, atol=1e-6)
 
-    def always(*args, **kw):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        yield
-
-    monkeypatch.setattr(restore, "restore_frame_steps", always)
+    monkeypatch.setattr(restore, "restore_frame_steps", _always_out_of_memory)
     with pytest.raises(DeviceError, match="even with one slice"):
         list(restore_iter(volume, ensemble, _fast(batch_size=2), slices=[3, 4]))
 
@@ -235,15 +242,8 @@ def test_model_frame_restore_halves_the_batch(volume, ensemble, monkeypatch, cap
     from pseudohealthy.engine import frame as engine_frame
     from pseudohealthy.evaluation.frame import restore_frames
 
-    real = engine_frame.restore_frame_steps
     sizes: list[int] = []
-
-    def flaky(models, names, images, *args, **kw):
-        sizes.append(images.shape[0])
-        if images.shape[0] > 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        yield from real(models, names, images, *args, **kw)
-
+    flaky = _out_of_memory_above_one(engine_frame.restore_frame_steps, sizes)
     slices = [3, 4, 5, 6]
     expected = restore_frames(volume, ensemble, _fast(batch_size=4), slices=slices)
     monkeypatch.setattr(engine_frame, "restore_frame_steps", flaky)
@@ -256,11 +256,7 @@ def test_model_frame_restore_halves_the_batch(volume, ensemble, monkeypatch, cap
     np.testing.assert_allclose(got.maps, expected.maps, atol=1e-6)
     np.testing.assert_allclose(got.restorations, expected.restorations, atol=1e-6)
 
-    def always(*args, **kw):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        yield
-
-    monkeypatch.setattr(engine_frame, "restore_frame_steps", always)
+    monkeypatch.setattr(engine_frame, "restore_frame_steps", _always_out_of_memory)
     with pytest.raises(DeviceError, match="even with one slice"):
         restore_frames(volume, ensemble, _fast(batch_size=2), slices=[3, 4])
 
