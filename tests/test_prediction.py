@@ -286,7 +286,7 @@ def test_checkpoints_record_the_schedule_and_old_json_loads_as_epsilon_centred(t
     old = Member.from_dir(_tiny_checkpoint(tmp_path / "old", Schedule(centred=True), strip=legacy))
     assert "centred" not in old.info["schedule"]
     assert (old.prediction, old.schedule.centred, old.schedule.zero_snr) == ("epsilon", True, False)
-    demo = Ensemble.from_dir(resolve_ensemble("demo"))  # written before the fields existed
+    demo = Ensemble.from_dir(resolve_ensemble("demo-epsilon"))  # written before the fields existed
     assert "centred" not in demo.members[0].info["schedule"]
     assert demo.schedule.centred and [m.prediction for m in demo] == ["epsilon"] * len(demo.members)
     v = Member.from_dir(_tiny_checkpoint(tmp_path / "v", Schedule(prediction="v", zero_snr=True)))
