@@ -293,13 +293,14 @@ MAX_FLAGGED = 0.5
 """The largest share of the restored foreground a member validation threshold may flag."""
 
 
-def _flagged_fraction(anomaly_canonical: np.ndarray, slices: list[int], threshold: float) -> float:
-    """The share of the restored slices' foreground (map > 0) at or above ``threshold``; 0 before
-    any slice is restored."""
-    if not slices:
-        return 0.0
+def _restored_values(anomaly_canonical: np.ndarray, slices: list[int]) -> np.ndarray:
+    """The map's values inside the foreground (map > 0) of the restored ``slices``."""
     values = anomaly_canonical[:, :, sorted(slices)]
-    values = values[values > 0]
+    return values[values > 0]
+
+
+def _flagged_fraction(values: np.ndarray, threshold: float) -> float:
+    """The share of ``values`` (:func:`_restored_values`) at or above ``threshold``; 0 for none."""
     return float(np.mean(values >= threshold)) if values.size else 0.0
 
 
@@ -325,18 +326,16 @@ def suggest_threshold(
     synthetic validation barely separates find their best Dice at a near-zero cut: the bundled
     demo members record about 2e-6, which marks the whole brain); the rules below take over.
     """
-    if validation is not None and _flagged_fraction(anomaly_canonical, slices, validation) <= MAX_FLAGGED:
+    restored = _restored_values(anomaly_canonical, slices)
+    if validation is not None and _flagged_fraction(restored, validation) <= MAX_FLAGGED:
         return float(validation), "validation"
     if not slices:
         return None, "default"
     calm = calm_slices(slices, scores)
     if calm:
-        values = anomaly_canonical[:, :, calm]
-        values = values[values > 0]
+        values = _restored_values(anomaly_canonical, calm)
         if values.size:
             return float(np.percentile(values, 99)), "calm"
-    values = anomaly_canonical[:, :, sorted(slices)]
-    values = values[values > 0]
-    if values.size < 2 or float(values.min()) == float(values.max()):
+    if restored.size < 2 or float(restored.min()) == float(restored.max()):
         return None, "default"
-    return otsu(np.sqrt(values)) ** 2, "otsu"
+    return otsu(np.sqrt(restored)) ** 2, "otsu"
