@@ -163,12 +163,11 @@ def _outputs(restore_dir: Path, test: TestScan) -> tuple[np.ndarray, np.ndarray]
     """``(restoration, anomaly map)`` an arm wrote for ``test`` under ``restore_dir``, canonical;
     read once per process (for the lesion contrast and the figure)."""
     from pseudohealthy.data.io import load_map, scan_name
+    from pseudohealthy.engine.outputs import ANOMALY_SUFFIX, PSEUDO_SUFFIX
 
     volume = _load(test)[0]
     stem = restore_dir / test.label / scan_name(test.scan)
-    return tuple(
-        load_map(f"{stem}{suffix}", volume) for suffix in ("_pseudohealthy.nii.gz", "_anomaly.nii.gz")
-    )
+    return tuple(load_map(f"{stem}{suffix}", volume) for suffix in (PSEUDO_SUFFIX, ANOMALY_SUFFIX))
 
 
 def test_slices(test: TestScan, n: int | None) -> list[int]:

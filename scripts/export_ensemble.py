@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pseudohealthy.data.files import atomic_write
 from pseudohealthy.model.checkpoint import RESERVED, Ensemble, load_checkpoint, save_checkpoint
 
 
@@ -35,7 +36,7 @@ def export(run_dir: Path, out_dir: Path, half: bool = False) -> list[Path]:
         )
         log = Path(member.path) / "log.csv"
         if log.is_file():
-            shutil.copy(log, target / "log.csv")
+            atomic_write(target / "log.csv", lambda tmp, src=log: shutil.copyfile(src, tmp))
         written.append(target)
     return written
 

@@ -630,6 +630,25 @@ def test_threshold_rules() -> None:
     assert suggest_threshold(amap, [], []) == (None, "default")
 
 
+def test_bundled_menu_offers_every_installed_ensemble(make_napari_viewer) -> None:
+    """The ensemble row's "Bundled" menu lists the installed bundled ensembles with their
+    members' modality; choosing one lists its members and shows its short name."""
+    from pseudohealthy.data.sample import installed_ensembles
+
+    widget = RestoreWidget(make_napari_viewer())
+    actions = widget.bundled_button.menu().actions()
+    assert [a.data() for a in actions] == list(installed_ensembles()) == ["demo", "demo-t1", "demo-epsilon"]
+    texts = {a.data(): a.text() for a in actions}
+    assert texts["demo"] == "demo (FLAIR)" and texts["demo-t1"] == "demo-t1 (T1)"
+    actions[1].trigger()
+    assert widget.ensemble_edit.text() == "demo-t1"
+    assert widget.ensemble is not None and {m.modality for m in widget.ensemble.members} == {"T1"}
+    assert widget.member_list.count() == len(widget.ensemble.members) >= 3
+    actions[0].trigger()
+    assert widget.ensemble_edit.text() == "demo"
+    assert {m.modality for m in widget.ensemble.members} == {"FLAIR"}
+
+
 def test_default_threshold_on_sample_tumour(make_napari_viewer, qtbot) -> None:
     """Demo ensemble on the sample's tumour slice: the automatic threshold says its rule and
     gives a usable mask (Dice against the ground truth)."""
@@ -806,6 +825,22 @@ def test_saved_anomaly_map_opens_like_the_live_layer(
     same_as_live(opened)
     shown, _, _ = view_cli.open_viewer(path, viewer=make_napari_viewer())
     same_as_live(shown.layers[0])
+    # one member's map (restore --member-maps) opens as a map too
+    member_path = tmp_path / f"{layer.name}_anomaly_fold1.nii.gz"
+    path.rename(member_path)
+    (member,) = viewer.open(str(member_path), plugin="pseudohealthy")
+    same_as_live(member)
+    # the members' disagreement opens as the live uncertainty layer is drawn, with its own range
+    spread = viewer.layers[output_name(layer.name, "uncertainty")]
+    spread_path = tmp_path / f"{layer.name}_uncertainty.nii.gz"
+    viewer.layers.selection = {spread}
+    viewer.layers.save(str(spread_path), selected=True, plugin="pseudohealthy")
+    (opened_spread,) = viewer.open(str(spread_path), plugin="pseudohealthy")
+    assert opened_spread.colormap.name == spread.colormap.name == "cyan"
+    assert (opened_spread.blending, opened_spread.opacity) == (spread.blending, spread.opacity)
+    assert tuple(opened_spread.contrast_limits) == pytest.approx(
+        display_range(np.asarray(opened_spread.data)), rel=1e-6
+    )
     # a scan still opens grey, from its 0.5th to 99.5th percentile
     (scan,) = viewer.open(str(tmp_path / "brats_flair.nii.gz"), plugin="pseudohealthy")
     lo, hi = np.percentile(np.asarray(scan.data), [0.5, 99.5])

@@ -268,3 +268,41 @@ def test_ssim_flags(small_scan: Path, ensemble_dir: Path, tmp_path: Path, capsys
         main(["restore", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--unit-ssim" in text and "data range 255 on [0, 1] images (the default)" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("scan_anomaly.nii.gz", "anomaly"),
+        ("scan_anomaly.nii", "anomaly"),
+        ("scan_anomaly_fold_2.nii.gz", "member"),
+        ("scan_uncertainty.nii.gz", "uncertainty"),
+        ("scan_pseudohealthy.nii.gz", None),
+        ("scan.nii.gz", None),
+        ("scan_anomaly.png", None),
+        ("_anomaly_.nii.gz", None),
+    ],
+)
+def test_map_kind_names_every_map_restore_writes(name: str, kind: str | None) -> None:
+    """The one owner of the outputs' names tells the reader which map a file is."""
+    from pseudohealthy.engine.outputs import map_kind
+
+    assert map_kind(name) == kind
+
+
+def test_map_kind_reads_back_the_names_restore_gives(tmp_path: Path) -> None:
+    """Every map name ``restore`` writes (with --member-maps) is recognised as the map it is."""
+    from pseudohealthy.cli.restore import _outputs
+    from pseudohealthy.engine.outputs import map_kind
+
+    outputs = _outputs(tmp_path, "scan", ["fold_2", "fold_6"], preview=True)
+    kinds = {key: map_kind(path) for key, path in outputs.items()}
+    assert kinds == {
+        "pseudo_healthy": None,
+        "anomaly": "anomaly",
+        "uncertainty": "uncertainty",
+        "anomaly_fold_2": "member",
+        "anomaly_fold_6": "member",
+        "preview": None,
+        "json": None,
+    }

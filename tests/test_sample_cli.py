@@ -73,11 +73,13 @@ def test_resolve_ensemble(tmp_path: Path, monkeypatch) -> None:
     assert sample.resolve_ensemble("demo") == Path("demo")  # an existing folder wins over the name
     with pytest.raises(PseudohealthyError, match=r"nope: ensemble not found.*bundled: demo"):
         sample.resolve_ensemble("nope")
-    monkeypatch.setitem(sample.BUNDLED_ENSEMBLES, "demo-t1", "no_such_folder")
-    with pytest.raises(PseudohealthyError, match="'demo-t1' is not installed"):
-        sample.resolve_ensemble("demo-t1")
-    with pytest.raises(PseudohealthyError, match="bundled: demo, demo-epsilon, demo-t1"):
+    monkeypatch.setitem(sample.BUNDLED_ENSEMBLES, "demo-t2", "no_such_folder")
+    with pytest.raises(PseudohealthyError, match="'demo-t2' is not installed"):
+        sample.resolve_ensemble("demo-t2")
+    with pytest.raises(PseudohealthyError, match="bundled: demo, demo-epsilon, demo-t1, demo-t2"):
         sample.resolve_ensemble("other")
+    assert "demo-t2" not in sample.installed_ensembles()  # only what is installed is offered
+    monkeypatch.delitem(sample.BUNDLED_ENSEMBLES, "demo-t2")
 
 
 def test_evaluate_and_view_take_the_name(tmp_path: Path, capsys) -> None:
@@ -128,6 +130,11 @@ def test_both_bundled_ensembles_resolve_by_name_and_differ_in_recipe() -> None:
     assert {m.prediction for m in epsilon.members} == {"epsilon"}
     assert {m.schedule.centred for m in epsilon.members} == {True}  # the legacy [-1, 1] range
     assert sorted(m.info["fold"] for m in v.members) == sorted(m.info["fold"] for m in epsilon.members)
+    t1 = Ensemble.from_dir(sample.resolve_ensemble("demo-t1"))
+    assert {m.prediction for m in t1.members} == {"v"}
+    assert {m.info.get("modality") for m in t1.members} == {"T1"}
+    assert {m.info.get("modality") for m in v.members} == {"FLAIR"}
+    assert list(sample.installed_ensembles()) == list(sample.BUNDLED_ENSEMBLES)  # all three installed
     for name in sample.BUNDLED_ENSEMBLES:
         assert sample.bundled_name(sample.bundled_ensemble_path(name)) == name
     assert sample.bundled_name(sample.sample_data_dir()) is None

@@ -29,8 +29,6 @@ from pseudohealthy.engine.defaults import (
 )
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
-OUTPUT_SUFFIXES = ("_pseudohealthy", "_anomaly", "_uncertainty", "_restore", "_preview")
-
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``restore`` subcommand."""
@@ -143,7 +141,9 @@ def _is_output(path: Path) -> bool:
     from pseudohealthy.data.io import scan_name
 
     name = scan_name(path)
-    return name.endswith(OUTPUT_SUFFIXES) or "_anomaly_" in name
+    from pseudohealthy.engine.outputs import MEMBER_MAP_INFIX, output_stems
+
+    return name.endswith(output_stems()) or MEMBER_MAP_INFIX in name
 
 
 def _folder_scans(path: Path) -> list[Path]:
@@ -186,18 +186,18 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _outputs(out_dir: Path, name: str, members: list[str] | None, preview: bool = False) -> dict[str, Path]:
-    from pseudohealthy.evaluation.testsets import ANOMALY_SUFFIX  # the one owner of the map's name
+    from pseudohealthy.engine import outputs as names  # the one owner of the outputs' names
 
     outputs = {
-        "pseudo_healthy": out_dir / f"{name}_pseudohealthy.nii.gz",
-        "anomaly": out_dir / f"{name}{ANOMALY_SUFFIX}",
-        "uncertainty": out_dir / f"{name}_uncertainty.nii.gz",
+        "pseudo_healthy": out_dir / f"{name}{names.PSEUDO_SUFFIX}",
+        "anomaly": out_dir / f"{name}{names.ANOMALY_SUFFIX}",
+        "uncertainty": out_dir / f"{name}{names.UNCERTAINTY_SUFFIX}",
     }
     for member in members or []:
-        outputs[f"anomaly_{member}"] = out_dir / f"{name}_anomaly_{member}.nii.gz"
+        outputs[f"anomaly_{member}"] = out_dir / f"{name}{names.member_map_suffix(member)}"
     if preview:
-        outputs["preview"] = out_dir / f"{name}_preview.png"
-    outputs["json"] = out_dir / f"{name}_restore.json"
+        outputs["preview"] = out_dir / f"{name}{names.PREVIEW_SUFFIX}"
+    outputs["json"] = out_dir / f"{name}{names.RECORD_SUFFIX}"
     return outputs
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "bundled_name",
     "copy_sample",
     "demo_ensemble_path",
+    "installed_ensembles",
     "resolve_ensemble",
     "sample_data_dir",
     "sample_mask_path",
@@ -29,12 +30,15 @@ DEMO_ENSEMBLE = "demo_ensemble"
 
 BUNDLED_ENSEMBLES = {
     "demo": DEMO_ENSEMBLE,
+    "demo-t1": "demo_ensemble_t1",
     "demo-epsilon": "demo_ensemble_epsilon",
 }
 """Names that ``--ensemble`` (``restore``, ``evaluate``, ``view``) and the viewer's ensemble field
-accept for a bundled ensemble -> its folder under ``sample_data``. One entry per bundled
-ensemble: ``demo`` (v prediction, the recipe study's choice), ``demo-epsilon`` (the epsilon
-members it replaced, kept for comparison); e.g. ``"demo-t1"`` when a T1 ensemble is bundled."""
+(and its menu of bundled ensembles) accept for a bundled ensemble -> its folder under
+``sample_data``. One entry per bundled ensemble: ``demo`` (FLAIR, v prediction, the recipe study's
+choice), ``demo-t1`` (T1, the same recipe on the healthy IXI T1 scans in the MNI frame of
+``pseudohealthy preprocess``), ``demo-epsilon`` (the epsilon FLAIR members ``demo`` replaced, kept
+for comparison)."""
 
 
 def sample_data_dir() -> Path:
@@ -170,6 +174,17 @@ def bundled_name(path: str | Path) -> str | None:
         if (root / folder).resolve() == target:
             return name
     return None
+
+
+def installed_ensembles() -> dict[str, Path]:
+    """The bundled ensembles that are installed: name -> folder, in :data:`BUNDLED_ENSEMBLES`'s
+    order (what the viewer offers)."""
+    try:
+        root = sample_data_dir()
+    except FileNotFoundError:
+        return {}
+    found = {name: root / folder for name, folder in BUNDLED_ENSEMBLES.items()}
+    return {name: path for name, path in found.items() if path.is_dir()}
 
 
 def _bundled_names() -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pseudohealthy.data.io import is_dicom_folder, is_nifti_name, scan_name
+from pseudohealthy.engine.outputs import ANOMALY_SUFFIX
 from pseudohealthy.errors import PseudohealthyError
 
 __all__ = [
@@ -25,9 +26,6 @@ __all__ = [
     "find_restoration",
     "unique_names",
 ]
-
-ANOMALY_SUFFIX = "_anomaly.nii.gz"
-"""An anomaly map's name: the case's name plus this (``pseudohealthy restore`` writes it so)."""
 
 
 @dataclass

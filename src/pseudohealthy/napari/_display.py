@@ -1,8 +1,9 @@
 """How the canvas shows a scan: window/level presets, linked contrast, map ranges, side by side,
 edge labels.
 
-An anomaly map is drawn one way (:func:`anomaly_style`, limits from :func:`map_range`), whether
-restored live or opened from a file (:func:`saved_map_range`).
+An anomaly map is drawn one way (:func:`anomaly_style`, limits from :func:`map_range`), and the
+members' disagreement another (:func:`uncertainty_style`), whether restored live or opened from a
+file (:func:`saved_map_range`).
 
 The edge labels name the patient direction at each edge of the canvas (R/L, A/P, S/I) for the
 displayed plane, from :data:`pseudohealthy.figures.orientation.EDGE_LABELS` when the camera shows
@@ -85,6 +86,12 @@ def anomaly_style() -> dict[str, Any]:
     """How an anomaly map layer is drawn, restored live or opened from a file: magma, additive,
     over the scan (its contrast limits: :func:`map_range`)."""
     return {"colormap": "magma", "blending": "additive", "opacity": 0.6}
+
+
+def uncertainty_style() -> dict[str, Any]:
+    """How the members' disagreement is drawn, restored live or opened from a file: cyan,
+    additive (its contrast limits: :func:`map_range`)."""
+    return {"colormap": "cyan", "blending": "additive", "opacity": 0.8}
 
 
 def saved_map_range(view: np.ndarray) -> tuple[float, float]:

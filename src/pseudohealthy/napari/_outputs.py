@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pseudohealthy.engine.record import RunRecord
-from pseudohealthy.napari._display import anomaly_style
+from pseudohealthy.napari._display import anomaly_style, uncertainty_style
 from pseudohealthy.napari._layers import NIFTI_KEY, geometry_kwargs
 
 if TYPE_CHECKING:
@@ -197,11 +197,9 @@ def _add(
             data,
             name=name,
             metadata=meta,
-            colormap="cyan",
-            blending="additive",
-            opacity=0.8,
             contrast_limits=(0.0, 1.0),  # until slices arrive: then display_range of the map
             visible=False,
+            **uncertainty_style(),
             **geometry,
         )
     if role == "pseudo":

@@ -6,9 +6,11 @@ napari's world coordinates are the file's RAS+ millimetres, only a residual rota
 scans) is left to the affine, and permuted files (e.g. PSR) display without napari having to
 slice through a permutation. Images are validated by ``load_scan``; label-like files (integer
 values, few of them, or a name with mask/seg/label) open as Labels. A scan opens in grey from its
-0.5th to 99.5th percentile; an anomaly map (``<name>_anomaly.nii.gz``) as the viewer shows a map
-it restored: the same colormap, blending and display range. Layer metadata holds the
-NIfTI header as plain values, the source path, the source (stored) affine and the layer affine.
+0.5th to 99.5th percentile; an anomaly map (``<name>_anomaly.nii.gz``, or one member's
+``<name>_anomaly_<member>.nii.gz``) and the members' disagreement (``<name>_uncertainty.nii.gz``)
+as the viewer shows the maps it restored: the same colormap, blending and display range. Layer
+metadata holds the NIfTI header as plain values, the source path, the source (stored) affine and
+the layer affine.
 
 A folder holding one DICOM series opens the same way (read by ``load_scan``: SimpleITK's series
 reader, slices sorted by position, the oblique direction kept), with its series UID and
@@ -28,8 +30,8 @@ import nibabel as nib
 import numpy as np
 
 from pseudohealthy.data.io import is_dicom_folder, is_nifti_name, load_scan, scan_name, to_canonical
-from pseudohealthy.evaluation.testsets import ANOMALY_SUFFIX
-from pseudohealthy.napari._display import anomaly_style, saved_map_range
+from pseudohealthy.engine.outputs import map_kind
+from pseudohealthy.napari._display import anomaly_style, saved_map_range, uncertainty_style
 from pseudohealthy.napari._layers import NIFTI_KEY, RAS_LABELS
 
 LABEL_NAME = re.compile(r"(mask|seg|label|lesion|roi|annot)", re.IGNORECASE)
@@ -110,18 +112,19 @@ def read_one(path: str | Path) -> LayerData:
 
 
 def is_anomaly_map(path: str | Path) -> bool:
-    """Whether ``path`` names an anomaly map: ``<name>`` + :data:`~pseudohealthy.evaluation.
-    testsets.ANOMALY_SUFFIX` (as ``pseudohealthy restore`` and ``evaluate`` write it), or its ``.nii``."""
-    name = Path(path).name
-    return name.endswith(ANOMALY_SUFFIX) or name.endswith(ANOMALY_SUFFIX.removesuffix(".gz"))
+    """Whether ``path`` names an anomaly map, the ensemble's or one member's, as ``pseudohealthy
+    restore`` and ``evaluate`` write them (:func:`~pseudohealthy.engine.outputs.map_kind`)."""
+    return map_kind(path) in ("anomaly", "member")
 
 
 def image_display(path: str | Path, data: np.ndarray) -> dict[str, Any]:
     """Colormap and contrast of an image layer: an anomaly map (:func:`is_anomaly_map`) as the
     viewer shows a map it restored (:func:`~pseudohealthy.napari._display.anomaly_style`, limits
     from the map's display range), a scan in grey from its 0.5th to 99.5th percentile."""
-    if is_anomaly_map(path):
-        return {**anomaly_style(), "contrast_limits": saved_map_range(data)}
+    kind = map_kind(path)
+    if kind is not None:
+        style = uncertainty_style() if kind == "uncertainty" else anomaly_style()
+        return {**style, "contrast_limits": saved_map_range(data)}
     lo, hi = np.percentile(data, [0.5, 99.5]) if data.size else (0.0, 1.0)
     return {"colormap": "gray", "contrast_limits": (float(lo), float(max(hi, lo + 1e-6)))}
 

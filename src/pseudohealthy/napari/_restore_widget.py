@@ -11,6 +11,7 @@ works through :mod:`pseudohealthy.napari._display`.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -30,15 +31,17 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
+    QMenu,
     QProgressBar,
     QPushButton,
     QSizePolicy,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
-from pseudohealthy.data.sample import bundled_name, demo_ensemble_path, resolve_ensemble
+from pseudohealthy.data.sample import bundled_name, demo_ensemble_path, installed_ensembles, resolve_ensemble
 from pseudohealthy.engine.defaults import FAITHFUL_SSIM
 from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.errors import PseudohealthyError
@@ -207,8 +210,10 @@ class RestoreWidget(QWidget):
         self.ensemble_edit.editingFinished.connect(self._ensemble_edited)
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._browse)
+        self.bundled_button = self._bundled_menu()
         ens_row = QHBoxLayout()
         ens_row.addWidget(self.ensemble_edit, 1)
+        ens_row.addWidget(self.bundled_button)
         ens_row.addWidget(browse)
         self.member_list = QListWidget()
         self.member_list.setMaximumHeight(80)
@@ -315,6 +320,22 @@ class RestoreWidget(QWidget):
         text = self.ensemble_edit.text().strip()
         if text and text != _display_name(self._ensemble_path):
             self.set_ensemble(text)
+
+    def _bundled_menu(self) -> QToolButton:
+        """A button whose menu lists the installed bundled ensembles (``demo``, ``demo-t1``, ...),
+        each with the modality of its members; choosing one lists its members."""
+        button = QToolButton()
+        button.setText("Bundled")
+        button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        button.setToolTip("an ensemble that comes with pseudohealthy")
+        menu = QMenu(button)
+        for name, path in installed_ensembles().items():
+            action = menu.addAction(f"{name} ({_modality_of(path)})")
+            action.setData(name)
+            action.triggered.connect(lambda _=False, n=name: self.set_ensemble(n))
+        button.setMenu(menu)
+        button.setEnabled(bool(menu.actions()))
+        return button
 
     def _browse(self) -> None:
         start = self._ensemble_path or str(Path.home())
@@ -734,6 +755,18 @@ def _display_name(path: str | Path) -> str:
     home = str(Path.home())
     text = str(path)
     return "~" + text[len(home) :] if text.startswith(home + "/") else text
+
+
+def _modality_of(path: Path) -> str:
+    """The modality the members of an ensemble folder record (read from their JSON only), or
+    ``"unknown"``."""
+    found = set()
+    for info in sorted(path.glob("*/pseudohealthy.json")):
+        try:
+            found.add(str(json.loads(info.read_text()).get("modality") or "unknown"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return "/".join(sorted(found)) or "unknown"
 
 
 def _looks_binary(data: Any) -> bool:
