@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pseudohealthy.data.io import is_nifti_name, scan_name
+
 __all__ = [
     "ANOMALY_SUFFIX",
     "MEMBER_MAP_INFIX",
@@ -51,13 +53,9 @@ def output_stems() -> tuple[str, ...]:
 def map_kind(path: str | Path) -> MapKind | None:
     """Which map ``path`` names (``.nii.gz`` or ``.nii``): the ensemble's anomaly map, one
     member's map, the members' disagreement, or None for anything else."""
-    name = Path(path).name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            stem = name[: -len(ext)]
-            break
-    else:
+    if not is_nifti_name(path):
         return None
+    stem = scan_name(path)
     if stem.endswith(ANOMALY_SUFFIX.removesuffix(".nii.gz")):
         return "anomaly"
     if stem.endswith(UNCERTAINTY_SUFFIX.removesuffix(".nii.gz")):

@@ -11,7 +11,6 @@ works through :mod:`pseudohealthy.napari._display`.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -758,14 +757,14 @@ def _display_name(path: str | Path) -> str:
 
 
 def _modality_of(path: Path) -> str:
-    """The modality the members of an ensemble folder record (read from their JSON only), or
-    ``"unknown"``."""
-    found = set()
-    for info in sorted(path.glob("*/pseudohealthy.json")):
-        try:
-            found.add(str(json.loads(info.read_text()).get("modality") or "unknown"))
-        except (OSError, ValueError, AttributeError):
-            continue
+    """The modality the members of an ensemble folder record, or ``"unknown"`` (the weights are
+    not read: :meth:`Ensemble.from_dir` checks settings and headers only)."""
+    from pseudohealthy.model.checkpoint import Ensemble
+
+    try:
+        found = {m.modality or "unknown" for m in Ensemble.from_dir(path).members}
+    except (PseudohealthyError, OSError, ValueError):
+        return "unknown"
     return "/".join(sorted(found)) or "unknown"
 
 
