@@ -74,7 +74,7 @@ def evaluate_arm(
         frame = restore_frame(
             models, ensemble.names, syn["images"], syn["fg"], list(range(len(targets))), plan,
             ensemble.schedule, seed=args.seed, conditioned=ensemble.conditioned, device="cpu",
-            faithful_ssim=settings.faithful_ssim,
+            precision=args.precision, faithful_ssim=settings.faithful_ssim,
         )  # fmt: skip
         labels = syn["labels"].astype(bool)
         metrics = benchmark_metrics(
@@ -151,6 +151,8 @@ def plot(arms: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pseudohealthy.engine.defaults import PRECISIONS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("members", nargs="+", type=Path, help="member folders (one per arm)")
     parser.add_argument(
@@ -163,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the UNet's precision (default fp32: arms compare alike on every CPU; auto: the library's rule)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/recipe"))
     args = parser.parse_args(argv)
 
@@ -175,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     text = table(arms)
     print(text)
     write_text(args.out / "recipe.md", text)
-    write_json(args.out / "recipe.json", {"arms": arms, "slices": args.slices, "seed": args.seed})
+    write_json(
+        args.out / "recipe.json",
+        {"arms": arms, "slices": args.slices, "seed": args.seed, "precision": args.precision},
+    )
     plot(arms, args.out / "recipe.png")
     return 0
 

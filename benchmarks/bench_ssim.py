@@ -228,9 +228,16 @@ def _tiny_inputs(ensemble) -> tuple[tuple[Any, np.ndarray], list[tuple[Any, np.n
     return (prepared, lesion), [(prepared, lesion)]
 
 
+def _ensemble_folder(given: str | None) -> Path | None:
+    """``--ensemble`` as the command line takes it (a folder or a bundled name), else the demo's."""
+    from pseudohealthy.data.sample import demo_ensemble_path, resolve_ensemble
+
+    return resolve_ensemble(given) if given else demo_ensemble_path()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ensemble", type=Path, help="ensemble folder (default: the bundled demo ensemble)")
+    parser.add_argument("--ensemble", help="ensemble folder or bundled name (default: demo)")
     parser.add_argument("--data", type=Path, default=BRATS, help="BraTS 2013 folder of the dev patients")
     parser.add_argument("--slices", type=int, help="slices per source (default 24; 2 with --tiny)")
     parser.add_argument("--seed", type=int, default=0)
@@ -244,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pseudohealthy.data.files import write_json, write_text
-    from pseudohealthy.data.sample import demo_ensemble_path
     from pseudohealthy.device import resolve_device
     from pseudohealthy.engine.reference import random_ensemble
     from pseudohealthy.engine.settings import RestoreSettings
@@ -256,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     settings = RestoreSettings(seed=args.seed, device=str(device))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = (
-            random_ensemble(Path(tmp), "tiny", 2) if args.tiny else (args.ensemble or demo_ensemble_path())
-        )
+        folder = random_ensemble(Path(tmp), "tiny", 2) if args.tiny else _ensemble_folder(args.ensemble)
         if folder is None:
             parser.error("no --ensemble given and no bundled demo ensemble")
         ensemble = Ensemble.from_dir(folder)

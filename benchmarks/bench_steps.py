@@ -206,11 +206,15 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path) -> N
     """AP_p and best Dice against steps, one panel per source; the reference as a dashed line."""
     from matplotlib.figure import Figure
 
+    from pseudohealthy.figures import save_figure
+
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for ax, source in zip(axes, ("synthetic", "real"), strict=True):
         for sampler, marker in zip((*CONTESTANTS, ONEPASS), "os^v", strict=False):
             rs = [r for r in rows if r["sampler"] == sampler]
+            if not rs:
+                continue  # not run: no empty entry in the legend
             steps = [r["steps"] for r in rs]
             for metric, style in (("ap_pixel", "-"), ("best_dice", ":")):
                 ax.plot(
@@ -227,12 +231,19 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path) -> N
         )
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
+
+
+def _ensemble_folder(given: str | None) -> Path | None:
+    """``--ensemble`` as the command line takes it (a folder or a bundled name), else the demo's."""
+    from pseudohealthy.data.sample import demo_ensemble_path, resolve_ensemble
+
+    return resolve_ensemble(given) if given else demo_ensemble_path()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ensemble", type=Path, help="ensemble folder (default: the bundled demo ensemble)")
+    parser.add_argument("--ensemble", help="ensemble folder or bundled name (default: demo)")
     parser.add_argument("--scan", type=Path, help="real scan (default: the bundled sample scan)")
     parser.add_argument("--lesion", type=Path, help="its lesion mask (default: the sample scan's)")
     parser.add_argument(
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pseudohealthy.data.io import load_mask, load_scan
-    from pseudohealthy.data.sample import demo_ensemble_path, sample_mask_path, sample_scan_path
+    from pseudohealthy.data.sample import sample_mask_path, sample_scan_path
     from pseudohealthy.device import resolve_device
     from pseudohealthy.engine.restore import prepare_for
     from pseudohealthy.model.checkpoint import Ensemble
@@ -282,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_steps = args.ref_steps or (5 if args.tiny else DEFAULT_STEPS[REFERENCE_SAMPLER])
     onepass_draws = [int(k) for k in args.onepass_draws.split(",") if k.strip()]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _tiny_ensemble(Path(tmp)) if args.tiny else (args.ensemble or demo_ensemble_path())
+        folder = _tiny_ensemble(Path(tmp)) if args.tiny else _ensemble_folder(args.ensemble)
         if folder is None:
             parser.error("no --ensemble given and no bundled demo ensemble")
         ensemble = Ensemble.from_dir(folder)

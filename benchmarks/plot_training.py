@@ -4,8 +4,9 @@ Reads each member's ``log.csv`` (written by ``pseudohealthy train``; columns
 :data:`pseudohealthy.training.config.LOG_FIELDS`) and plots, per member, the synthetic-anomaly
 validation AP and the restoration's SSIM and PSNR outside the synthetic anomaly against
 CPU-hours (logged wall time x ``--cores-per-run``: the share of a core each run had, for example
-2/3 when three runs shared two cores). Members without fidelity columns (trained before they were
-logged) show AP only. Prints and writes a table of each member's last validation row.
+2/3 when three runs shared two cores; one value for all members, or one per member). Members
+without fidelity columns (trained before they were logged) show AP only. Prints and writes a
+table of each member's last validation row.
 
     .venv/bin/python benchmarks/plot_training.py runs/demo_v/fold_* sample_data/demo_ensemble/fold_* \\
         --labels v,v,v,eps,eps,eps --cores-per-run 0.667 --out results/training_curves
@@ -114,23 +115,39 @@ def _names(members: list[Path], labels: str | None) -> list[str]:
     return [f"{tag}/{m.name}" for tag, m in zip(tags, members, strict=True)]
 
 
+def _cores(members: list[Path], text: str) -> list[float]:
+    """``--cores-per-run``: one share for every member, or one per member; each positive."""
+    try:
+        shares = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--cores-per-run: not a number in {text!r}") from None
+    if len(shares) == 1:
+        shares *= len(members)
+    if len(shares) != len(members):
+        raise SystemExit(f"--cores-per-run gives {len(shares)} shares for {len(members)} members")
+    if not all(v > 0 for v in shares):
+        raise SystemExit("--cores-per-run must be positive")
+    return shares
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("members", nargs="+", type=Path, help="member folders (each with log.csv)")
     parser.add_argument("--labels", help="comma-separated label per member (default: parent folder)")
-    parser.add_argument("--cores-per-run", type=float, default=1.0, help="share of a core each run had")
+    parser.add_argument(
+        "--cores-per-run", default="1", help="share of a core each run had (one, or one per member)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/training_curves"))
     args = parser.parse_args(argv)
-    if not args.cores_per_run > 0:
-        raise SystemExit("--cores-per-run must be positive")
+    cores = _cores(args.members, args.cores_per_run)
     names = _names(args.members, args.labels)
-    curves = {name: read_curve(m, args.cores_per_run) for name, m in zip(names, args.members, strict=True)}
+    curves = {name: read_curve(m, c) for name, m, c in zip(names, args.members, cores, strict=True)}
     rows = last_rows(curves)
     text = table(rows)
     print(text, end="")
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "training.md", text)
-    record = {"cores_per_run": args.cores_per_run, "curves": curves, "last": rows}
+    record = {"cores_per_run": dict(zip(names, cores, strict=True)), "curves": curves, "last": rows}
     write_json(args.out / "training.json", _jsonable(record))
     print(f"wrote {plot(curves, args.out / 'training.png')}")
     return 0

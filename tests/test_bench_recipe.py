@@ -51,3 +51,28 @@ def test_configs_take_an_optional_spacing() -> None:
     assert parse("ddim:2:trailing,ddpm:5") == [("ddim", 2, "trailing"), ("ddpm", 5, DEFAULT_SPACING)]
     with pytest.raises(SystemExit, match="unknown spacing 'sideways'"):
         parse("ddim:2:sideways")
+
+
+def test_precision_reaches_the_network(tmp_path: Path) -> None:
+    """``--precision bf16`` restores in bf16 autocast (other figures than fp32's) and is recorded."""
+    from pseudohealthy.data.sample import sample_mask_path, sample_scan_path
+    from pseudohealthy.engine.reference import random_ensemble
+
+    random_ensemble(tmp_path / "ens", "tiny", 1)
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for precision in ("fp32", "bf16"):
+            out = tmp_path / precision
+            _bench().main(
+                [str(tmp_path / "ens" / "fold0"), "--healthy", str(sample_scan_path()), "--healthy-lesion",
+                 str(sample_mask_path()), "--slices", "2", "--configs", "ddim:2", "--precision", precision,
+                 "--out", str(out)]
+            )  # fmt: skip
+            runs[precision] = json.loads((out / "recipe.json").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    assert [runs[p]["precision"] for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    (fp32,), (bf16,) = (runs[p]["arms"][0]["rows"] for p in ("fp32", "bf16"))
+    assert fp32["val_psnr_out"] != bf16["val_psnr_out"]
+    assert abs(fp32["val_psnr_out"] - bf16["val_psnr_out"]) < 3.0  # the same restoration, rounded

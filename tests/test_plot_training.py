@@ -70,3 +70,18 @@ def test_labels_must_match_members(tmp_path: Path) -> None:
     member = _member(tmp_path / "run" / "fold_0", [{"step": 1, "val_ap": 0.1, "time": 1.0}])
     with pytest.raises(SystemExit, match="2 labels for 1 members"):
         _bench().main([str(member), "--labels", "a,b", "--out", str(tmp_path / "o")])
+
+
+def test_cores_per_run_per_member(tmp_path: Path) -> None:
+    """One share per member scales each member's CPU-hours by its own share; counts must match."""
+    one = _member(tmp_path / "a" / "fold_2", [{"step": 200, "val_ap": 0.1, "time": 3600.0}])
+    two = _member(tmp_path / "b" / "fold_2", [{"step": 200, "val_ap": 0.2, "time": 3600.0}])
+    out = tmp_path / "out"
+    assert _bench().main([str(one), str(two), "--cores-per-run", "0.5,0.25", "--out", str(out)]) == 0
+    curves = json.loads((out / "training.json").read_text())["curves"]
+    assert curves["a/fold_2"]["cpu_hours"] == pytest.approx([0.5])
+    assert curves["b/fold_2"]["cpu_hours"] == pytest.approx([0.25])
+    with pytest.raises(SystemExit, match="3 shares for 2 members"):
+        _bench().main([str(one), str(two), "--cores-per-run", "1,1,1", "--out", str(out)])
+    with pytest.raises(SystemExit, match="must be positive"):
+        _bench().main([str(one), "--cores-per-run", "0", "--out", str(out)])

@@ -76,7 +76,8 @@ def test_resolve_ensemble(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sample.BUNDLED_ENSEMBLES, "demo-t2", "no_such_folder")
     with pytest.raises(PseudohealthyError, match="'demo-t2' is not installed"):
         sample.resolve_ensemble("demo-t2")
-    with pytest.raises(PseudohealthyError, match="bundled: demo, demo-epsilon, demo-t1, demo-t2"):
+    listed = "bundled: demo, demo-epsilon, demo-scratch, demo-t1, demo-t2"
+    with pytest.raises(PseudohealthyError, match=listed):
         sample.resolve_ensemble("other")
     assert "demo-t2" not in sample.installed_ensembles()  # only what is installed is offered
     monkeypatch.delitem(sample.BUNDLED_ENSEMBLES, "demo-t2")

@@ -24,13 +24,14 @@ SAMPLERS = ("ddpm", "ddim", "dpm", "onepass")
 "onepass": ``steps`` = K independent single network passes from pure noise, the mean of their
 x0 estimates (as DISYRE averages its draws)."""
 
-DEFAULT_STEPS = {"ddpm": 50, "ddim": 5, "dpm": 20, "onepass": 1}
+DEFAULT_STEPS = {"ddpm": 50, "ddim": 3, "dpm": 20, "onepass": 1}
 """Steps (network calls per member and slice) when none are given: DDPM 50 is the paper's;
-DDIM 5 is the fewest passes whose AP_p stays within 0.01 of DDPM 50 on every bundled demo member's
-synthetic validation anomalies and whose healthy tissue keeps SSIM >= 0.85 and PSNR >= 27 dB
-(``benchmarks/bench_recipe.py``, README "Recipe study"; DDIM 3 missed the AP_p rule on two of the
-three members, DDIM 2 and one pass the fidelity); the epsilon members before them measured DDIM 5
-at AP_p 0.206 against DDPM 50's 0.181 (``benchmarks/bench_steps.py``); onepass: one draw."""
+DDIM 3 is the fewest passes whose AP_p stays within 0.01 of DDPM 50 on the bundled demo
+ensemble's synthetic validation anomalies (patient 0004: 0.335 against 0.272 for the ensemble,
+``benchmarks/bench_steps.py``; 0.230 against 0.234 as the members' mean, ``benchmarks/bench_recipe.py``)
+and whose healthy tissue keeps SSIM >= 0.85 and PSNR >= 27 dB (0.917-0.931, 31.8-32.8 dB); DDIM 2
+fails the fidelity rule (SSIM 0.81-0.86), one pass both (README "Fewer sampler steps"). The
+members trained from scratch before them chose DDIM 5; onepass: one draw."""
 
 SPACINGS = ("leading", "trailing")
 """Timestep spacings of ``ddpm`` / ``ddim`` (Lin et al. 2024, Table 2): "leading" strides from 0
