@@ -286,7 +286,9 @@ def figure(
     modality: str,
 ) -> Path:
     """The test slices with the most lesion (over all test scans): input, lesion mask, then
-    restoration and map (lesion outlined, one colour scale for all arms) per arm."""
+    restoration and map per arm (lesion outlined; each arm's maps on their own scale, 0 .. the
+    :func:`~pseudohealthy.figures.ranges.display_range` of its shown slices, written in the column
+    title: arms' maps differ by orders of magnitude, and one shared scale hid the smaller ones)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,6 +297,7 @@ def figure(
     from pseudohealthy.data.files import atomic_write
     from pseudohealthy.figures.orientation import axial_display
     from pseudohealthy.figures.preview import draw_edge_labels
+    from pseudohealthy.figures.ranges import display_range
 
     volumes = {test.label: (_load(test)[0].data, _load(test)[1], _brain(test)) for test in tests}
     area = [(int(volumes[t][1][:, :, k].sum()), t, k) for t in slices for k in slices[t]]
@@ -304,7 +307,9 @@ def figure(
         for arm, info in arms.items()
         for test in tests
     }
-    top = max(float(outputs[(arm, t)][1][:, :, k].max()) for arm in arms for t, k in shown)  # one map scale
+    tops = {
+        arm: display_range(np.stack([outputs[(arm, t)][1][:, :, k] for t, k in shown]))[1] for arm in arms
+    }
     n_cols = 2 + 2 * len(arms)
     fig, axes = plt.subplots(
         len(shown), n_cols, figsize=(1.9 * n_cols, 2.0 * len(shown) + 0.4), squeeze=False
@@ -322,14 +327,14 @@ def figure(
         for arm in arms:
             restored, anomaly = outputs[(arm, label)]
             panels.append((f"{arm}: restored", view(restored), "gray", (vmin, vmax)))
-            panels.append((f"{arm}: map", view(anomaly), "inferno", (0, max(top, 1e-6))))
+            panels.append((f"{arm}: map (0-{tops[arm]:.2g})", view(anomaly), "inferno", (0, tops[arm])))
         for col, (name, data, cmap, (lo, hi)) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             draw_edge_labels(ax, fontsize=6)
-            if name.endswith("map") and view(lesion).any():
+            if ": map" in name and view(lesion).any():
                 ax.contour(view(lesion), levels=[0.5], colors="cyan", linewidths=0.6)
             if row == 0:
                 ax.set_title(name, fontsize=8)
