@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_steps import synthetic_set
+from bench_steps import ensemble_folder, synthetic_set
 
 BRATS = Path("/work/shared/data/lesion/brats2013")
 VALIDATION_PATIENT = "brats_2013_pat0004_1"
@@ -228,13 +228,6 @@ def _tiny_inputs(ensemble) -> tuple[tuple[Any, np.ndarray], list[tuple[Any, np.n
     return (prepared, lesion), [(prepared, lesion)]
 
 
-def _ensemble_folder(given: str | None) -> Path | None:
-    """``--ensemble`` as the command line takes it (a folder or a bundled name), else the demo's."""
-    from pseudohealthy.data.sample import demo_ensemble_path, resolve_ensemble
-
-    return resolve_ensemble(given) if given else demo_ensemble_path()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ensemble", help="ensemble folder or bundled name (default: demo)")
@@ -262,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     settings = RestoreSettings(seed=args.seed, device=str(device))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = random_ensemble(Path(tmp), "tiny", 2) if args.tiny else _ensemble_folder(args.ensemble)
+        folder = random_ensemble(Path(tmp), "tiny", 2) if args.tiny else ensemble_folder(args.ensemble)
         if folder is None:
             parser.error("no --ensemble given and no bundled demo ensemble")
         ensemble = Ensemble.from_dir(folder)

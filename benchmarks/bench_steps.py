@@ -234,7 +234,7 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path) -> N
     save_figure(fig, path, dpi=100)
 
 
-def _ensemble_folder(given: str | None) -> Path | None:
+def ensemble_folder(given: str | None) -> Path | None:
     """``--ensemble`` as the command line takes it (a folder or a bundled name), else the demo's."""
     from pseudohealthy.data.sample import demo_ensemble_path, resolve_ensemble
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_steps = args.ref_steps or (5 if args.tiny else DEFAULT_STEPS[REFERENCE_SAMPLER])
     onepass_draws = [int(k) for k in args.onepass_draws.split(",") if k.strip()]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _tiny_ensemble(Path(tmp)) if args.tiny else _ensemble_folder(args.ensemble)
+        folder = _tiny_ensemble(Path(tmp)) if args.tiny else ensemble_folder(args.ensemble)
         if folder is None:
             parser.error("no --ensemble given and no bundled demo ensemble")
         ensemble = Ensemble.from_dir(folder)
