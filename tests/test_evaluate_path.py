@@ -61,6 +61,7 @@ def _evaluate(test_set, out: Path, *extra: str) -> dict:
 def _restored(test_set, out: Path, seed: int) -> dict:
     ensemble = test_set[0]
     args = ["--ensemble", str(ensemble), "--sampler", SAMPLER, "--steps", str(STEPS), "--seed", str(seed)]
+    args += ["--precision", "fp32"]  # the direct restoration below is fp32 on every CPU
     return _evaluate(test_set, out, *args)
 
 
@@ -83,6 +84,7 @@ def test_ensemble_run_restores_with_the_requested_settings(test_set, runs) -> No
     folder, result = runs[SEED]
     engine = result["settings"]["engine"]
     assert (engine["sampler"], engine["steps"], engine["seed"]) == (SAMPLER, STEPS, SEED)
+    assert engine["precision"] == "fp32"
     ensemble = Ensemble.from_dir(ensemble_dir)
     settings = RestoreSettings(sampler=SAMPLER, steps=STEPS, seed=SEED, device="cpu", precision="fp32")
     other_folder, _ = runs[SEED + 1]

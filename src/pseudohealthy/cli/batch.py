@@ -54,6 +54,19 @@ def add_scans_argument(parser: Any) -> None:
     )  # fmt: skip
 
 
+def add_precision_argument(parser: Any) -> None:
+    """``--precision`` (``args.precision``; default ``auto``: bf16/fp16 autocast where the device
+    has it, fp32 elsewhere, :func:`pseudohealthy.device.autocast_dtype`), for every face that restores."""
+    from pseudohealthy.engine.defaults import PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        default=PRECISIONS[0],
+        choices=PRECISIONS,
+        help=f"the network's precision (default {PRECISIONS[0]}: bf16 autocast on CPUs that have it)",
+    )
+
+
 def add_ssim_arguments(parser: Any) -> None:
     """``--faithful-ssim`` / ``--unit-ssim`` (``args.faithful_ssim``; default
     :data:`~pseudohealthy.engine.defaults.FAITHFUL_SSIM`), the map's SSIM constants for every face."""

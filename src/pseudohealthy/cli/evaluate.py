@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from pseudohealthy.cli.batch import Batch, OutputSet, add_ssim_arguments, check_output_dir
+from pseudohealthy.cli.batch import (
+    Batch,
+    OutputSet,
+    add_precision_argument,
+    add_ssim_arguments,
+    check_output_dir,
+)
 from pseudohealthy.engine.defaults import (
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
@@ -78,6 +84,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     maps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     maps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     maps.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
+    add_precision_argument(maps)
     add_ssim_arguments(maps)
     parser.add_argument(
         "--slices-per-volume", type=int, help="evaluate N evenly spaced slices per scan (quick runs)"
@@ -198,6 +205,7 @@ def _settings(args: argparse.Namespace):
         seed=args.seed,
         device=args.device,
         batch_size=args.batch_size,
+        precision=args.precision,
         faithful_ssim=args.faithful_ssim,
         square=args.restore_square,
     )
@@ -211,6 +219,7 @@ def _engine(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "device": args.device,
         "batch_size": args.batch_size,
+        "precision": args.precision,
         "faithful_ssim": bool(args.faithful_ssim),
     }
 

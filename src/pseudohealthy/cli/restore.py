@@ -12,6 +12,7 @@ from typing import Any
 from pseudohealthy.cli.batch import (
     Batch,
     OutputSet,
+    add_precision_argument,
     add_scans_argument,
     add_ssim_arguments,
     check_output_dir,
@@ -23,7 +24,6 @@ from pseudohealthy.engine.defaults import (
     DEFAULT_SAMPLER,
     DEFAULT_SPACING,
     DEFAULT_STEPS,
-    PRECISIONS,
     SAMPLERS,
     SPACINGS,
 )
@@ -76,9 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument(
-        "--precision", default=PRECISIONS[0], choices=PRECISIONS, help=f"default {PRECISIONS[0]}"
-    )
+    add_precision_argument(parser)
     parser.add_argument("--batch-size", type=int, help="slices per batch (default: 8 on CPU, 32 on GPU)")
     parser.add_argument(
         "--compile",
