@@ -14,6 +14,7 @@ from conftest import phantom, write_nifti
 from pseudohealthy.cli import main
 from pseudohealthy.data.io import load_mask, load_scan, save_like
 from pseudohealthy.data.preprocess import SliceGeometry, foreground_mask
+from pseudohealthy.engine.settings import RestoreSettings
 from pseudohealthy.evaluation.metrics import MetricsError
 
 KEYS = {"ap_image", "auroc", "ap_pixel", "best_dice", "dice_at_5fpr", "n_slices", "n_volumes"}
@@ -172,12 +173,13 @@ def test_cli_pairs_csv_restores_once_then_reuses(tmp_path, monkeypatch):
 
     monkeypatch.setattr("pseudohealthy.evaluation.cases.restore_anomaly", fake_restore)
     monkeypatch.setattr("pseudohealthy.model.checkpoint.Ensemble.from_dir", lambda path: "ENSEMBLE")
-    monkeypatch.setattr("pseudohealthy.cli.evaluate._settings", lambda args: {"steps": args.steps})
+    settings = "pseudohealthy.cli.evaluate._settings"
+    monkeypatch.setattr(settings, lambda args: RestoreSettings(steps=args.steps))
     out = tmp_path / "out"
     argv = ["-q", "evaluate", "--pairs", str(csv), "--ensemble", str(tmp_path / "ens"), "--size", "32"]
     argv += ["--frame", "native"]  # restore_anomaly: the scan-grid path
     assert main([*argv, "--steps", "3", "-o", str(out)]) == 0
-    assert [(c[0], c[1], c[2]) for c in calls] == [("FLAIR", "ENSEMBLE", {"steps": 3})] * 2
+    assert [(c[0], c[1], c[2]) for c in calls] == [("FLAIR", "ENSEMBLE", RestoreSettings(steps=3))] * 2
     first = _check_outputs(out)
     assert first["settings"]["restored"] == ["p1_FLAIR", "p2_FLAIR"]
     assert first["settings"]["engine"]["steps"] == 3

@@ -211,19 +211,6 @@ def _settings(args: argparse.Namespace):
     )
 
 
-def _engine(args: argparse.Namespace) -> dict:
-    return {
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "spacing": args.spacing,
-        "seed": args.seed,
-        "device": args.device,
-        "batch_size": args.batch_size,
-        "precision": args.precision,
-        "faithful_ssim": bool(args.faithful_ssim),
-    }
-
-
 def _missing(args: argparse.Namespace, cases) -> list[str]:
     """The cases without a map in --restorations; checked to be restorable."""
     from pseudohealthy.evaluation.testsets import find_restoration
@@ -305,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "restorations": str(args.restorations) if args.restorations else None,
         "ensemble": str(args.ensemble) if args.ensemble else None,
         "restored": missing,
-        "engine": _engine(args) if missing else None,
+        "engine": restore_settings.to_dict() if restore_settings else None,
         "slices_per_volume": args.slices_per_volume,
         "size": args.size if args.rules.frame == "native" else None,
         "invert_baseline": bool(args.invert_baseline),
