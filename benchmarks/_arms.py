@@ -261,9 +261,13 @@ CONTRAST_COLUMNS = (
 
 
 def _cell(value: float | int | None) -> str:
+    """Three decimals; values under 0.001 in three significant digits (maps with the reference's
+    SSIM constants are about 1e-5 in healthy tissue, which three decimals would show as 0.000)."""
     if value is None:
         return "–"
-    return str(value) if isinstance(value, int) else f"{value:.3f}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
 
 
 def table(rows: dict[str, dict], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:

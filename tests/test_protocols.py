@@ -247,6 +247,12 @@ def test_protocol_table_has_every_column() -> None:
     assert row == "| a | 0.500 | – | – | – | – | 7 |"
 
 
+def test_protocol_table_keeps_small_map_values() -> None:
+    protocol = _load("_arms")
+    text = protocol.table({"a": {"map_in_lesion": 2.5e-05, "map_ratio": 0.0}}, protocol.CONTRAST_COLUMNS)
+    assert text.splitlines()[-1] == "| a | 2.50e-05 | – | 0.000 | – | – |"
+
+
 @pytest.fixture(scope="module")
 def mslub_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[Path, str]:
     import SimpleITK  # noqa: F401  (the 'preprocess' extra, installed by setup.sh; fail loudly if missing)
