@@ -637,7 +637,7 @@ def test_bundled_menu_offers_every_installed_ensemble(make_napari_viewer) -> Non
 
     widget = RestoreWidget(make_napari_viewer())
     actions = widget.bundled_button.menu().actions()
-    names = ["demo", "demo-t1", "demo-scratch", "demo-epsilon"]
+    names = ["demo", "demo-t1", "demo-sample", "demo-scratch", "demo-epsilon"]
     assert [a.data() for a in actions] == list(installed_ensembles()) == names
     texts = {a.data(): a.text() for a in actions}
     assert texts["demo"] == "demo (FLAIR)" and texts["demo-t1"] == "demo-t1 (T1)"

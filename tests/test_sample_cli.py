@@ -76,7 +76,7 @@ def test_resolve_ensemble(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sample.BUNDLED_ENSEMBLES, "demo-t2", "no_such_folder")
     with pytest.raises(PseudohealthyError, match="'demo-t2' is not installed"):
         sample.resolve_ensemble("demo-t2")
-    listed = "bundled: demo, demo-epsilon, demo-scratch, demo-t1, demo-t2"
+    listed = "bundled: demo, demo-epsilon, demo-sample, demo-scratch, demo-t1, demo-t2"
     with pytest.raises(PseudohealthyError, match=listed):
         sample.resolve_ensemble("other")
     assert "demo-t2" not in sample.installed_ensembles()  # only what is installed is offered
@@ -135,7 +135,12 @@ def test_both_bundled_ensembles_resolve_by_name_and_differ_in_recipe() -> None:
     assert {m.prediction for m in t1.members} == {"v"}
     assert {m.info.get("modality") for m in t1.members} == {"T1"}
     assert {m.info.get("modality") for m in v.members} == {"FLAIR"}
-    assert list(sample.installed_ensembles()) == list(sample.BUNDLED_ENSEMBLES)  # all three installed
+    x0 = Ensemble.from_dir(sample.resolve_ensemble("demo-sample"))
+    assert {m.prediction for m in x0.members} == {"sample"}
+    assert {m.schedule.centred for m in x0.members} == {False}
+    assert sorted(m.info["fold"] for m in x0.members) == sorted(m.info["fold"] for m in v.members)
+    assert all(m.info["init_from"] is None for m in x0.members)  # trained from scratch
+    assert list(sample.installed_ensembles()) == list(sample.BUNDLED_ENSEMBLES)  # all installed
     for name in sample.BUNDLED_ENSEMBLES:
         assert sample.bundled_name(sample.bundled_ensemble_path(name)) == name
     assert sample.bundled_name(sample.sample_data_dir()) is None

@@ -31,16 +31,19 @@ DEMO_ENSEMBLE = "demo_ensemble"
 BUNDLED_ENSEMBLES = {
     "demo": DEMO_ENSEMBLE,
     "demo-t1": "demo_ensemble_t1",
+    "demo-sample": "demo_ensemble_sample",
     "demo-scratch": "demo_ensemble_scratch",
     "demo-epsilon": "demo_ensemble_epsilon",
 }
 """Names that ``--ensemble`` (``restore``, ``evaluate``, ``view``) and the viewer's ensemble field
 (and its menu of bundled ensembles) accept for a bundled ensemble -> its folder under
 ``sample_data``. One entry per bundled ensemble: ``demo`` (FLAIR, v prediction, fine-tuned from
-the ``demo-t1`` members: the recipe study's choice), ``demo-t1`` (T1, v prediction, trained on the
-healthy IXI T1 scans in the MNI frame of ``pseudohealthy preprocess``), ``demo-scratch`` (the v
-FLAIR members trained from scratch that ``demo`` replaced) and ``demo-epsilon`` (the epsilon FLAIR
-members before them), both kept for comparison."""
+the ``demo-t1`` members), ``demo-t1`` (T1, v prediction, trained on the healthy IXI T1 scans in
+the MNI frame of ``pseudohealthy preprocess``), ``demo-sample`` (FLAIR, ``sample`` prediction,
+from scratch: better on validation, but it darkens a scan whose healthy tissue sits higher in
+[0, 1] than its training scans', as the sample scan's does; README "Recipe study"),
+``demo-scratch`` (the v FLAIR members trained from scratch that ``demo`` replaced) and
+``demo-epsilon`` (the epsilon FLAIR members before them), the last two kept for comparison."""
 
 
 def sample_data_dir() -> Path:
