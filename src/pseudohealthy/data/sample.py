@@ -40,8 +40,8 @@ BUNDLED_ENSEMBLES = {
 ``sample_data``. One entry per bundled ensemble: ``demo`` (FLAIR, v prediction, fine-tuned from
 the ``demo-t1`` members), ``demo-t1`` (T1, v prediction, trained on the healthy IXI T1 scans in
 the MNI frame of ``pseudohealthy preprocess``), ``demo-sample`` (FLAIR, ``sample`` prediction,
-from scratch: better on validation, but it darkens a scan whose healthy tissue sits higher in
-[0, 1] than its training scans', as the sample scan's does; README "Recipe study"),
+from scratch: better on validation and dev data, but it darkened the sample scan; README
+"Recipe study, fourth step"),
 ``demo-scratch`` (the v FLAIR members trained from scratch that ``demo`` replaced) and
 ``demo-epsilon`` (the epsilon FLAIR members before them), the last two kept for comparison."""
 
