@@ -54,14 +54,15 @@ def add_scans_argument(parser: Any) -> None:
     )  # fmt: skip
 
 
-def add_precision_argument(parser: Any) -> None:
+def add_precision_argument(parser: Any, *, unset: bool = False) -> None:
     """``--precision`` (``args.precision``; default ``auto``: bf16/fp16 autocast where the device
-    has it, fp32 elsewhere, :func:`pseudohealthy.device.autocast_dtype`), for every face that restores."""
+    has it, fp32 elsewhere, :func:`pseudohealthy.device.autocast_dtype`), for every face that runs
+    the network. ``unset``: None when not given (``train``: the config or the resumed run decides)."""
     from pseudohealthy.engine.defaults import PRECISIONS
 
     parser.add_argument(
         "--precision",
-        default=PRECISIONS[0],
+        default=None if unset else PRECISIONS[0],
         choices=PRECISIONS,
         help=f"the network's precision (default {PRECISIONS[0]}: bf16 autocast on CPUs that have it)",
     )

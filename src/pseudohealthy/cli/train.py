@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pseudohealthy.cli.batch import add_precision_argument
 from pseudohealthy.cli.synth import add_task_style_argument
-from pseudohealthy.engine.defaults import PRECISIONS
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 log = logging.getLogger("pseudohealthy.training")
@@ -73,7 +73,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="data-loader worker processes (default: automatic)")
     parser.add_argument("--seed", type=int, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--precision", choices=PRECISIONS, help=f"mixed precision (default {PRECISIONS[0]})")
+    add_precision_argument(parser, unset=True)
     parser.add_argument("--val-every", type=int, help="validate every N steps (0: never)")
     parser.add_argument("--ckpt-every", type=int, help="write the resumable state every N steps")
     parser.add_argument(
