@@ -52,6 +52,7 @@ def evaluate_arm(
     from pseudohealthy.engine.frame import restore_frame
     from pseudohealthy.engine.restore import prepare_for
     from pseudohealthy.engine.settings import RestoreSettings
+    from pseudohealthy.evaluation.frame import fidelity_affine
     from pseudohealthy.evaluation.metrics import benchmark_metrics
     from pseudohealthy.model.checkpoint import Ensemble
     from pseudohealthy.training.validation import restoration_fidelity
@@ -63,6 +64,11 @@ def evaluate_arm(
     lesion = np.zeros(clean.data.shape, dtype=bool) if lesion is None else lesion
     syn = synthetic_set(prepared, lesion, validation_tasks(ensemble), args.slices, args.seed)
     targets = prepared.images[syn["rows"]]
+    affine = fidelity_affine(prepared)  # fidelity on the same scale for every normalisation
+
+    def common(x: np.ndarray) -> np.ndarray:
+        return x if affine is None else np.clip(x * affine[0] + affine[1], 0.0, 1.0)
+
     models = [m.model("cpu") for m in ensemble.members]
     info = ensemble.members[0].info
     rows = []
@@ -80,7 +86,9 @@ def evaluate_arm(
         metrics = benchmark_metrics(
             frame.scores, labels.any(axis=(1, 2)), frame.maps, labels, allow_undefined=True
         )
-        fidelity = restoration_fidelity(frame.restorations.mean(axis=0), targets, syn["fg"], syn["labels"])
+        fidelity = restoration_fidelity(
+            common(frame.restorations.mean(axis=0)), common(targets), syn["fg"], syn["labels"]
+        )
         rows.append(
             {
                 "sampler": sampler,

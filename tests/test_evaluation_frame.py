@@ -173,6 +173,29 @@ def test_fidelity_equals_direct_computation():
     assert Fidelity().add(framed).result()["ssim_healthy"] is None
 
 
+def test_fidelity_is_measured_in_the_reference_scale_whatever_the_normalisation():
+    """Members with another normalisation are scored against the max-normalised input: a
+    restoration equal to their own input maps onto it wherever their clip did not bite."""
+    from pseudohealthy.engine.restore import prepare_for
+
+    image, _ = _case()
+    volume, full = volume_from_array(image), SHAPE[0]  # no resizing: pixelwise comparisons
+    ensemble = SimpleNamespace(image_size=full, members=[])
+    ref = frame.restore_frames(volume, ensemble, RestoreSettings(square="crop"), slices=[])
+    assert frame.FIDELITY_NORM == "max" and ref.fidelity_images is None  # the model's own scale
+    settings = RestoreSettings(square="crop", norm="percentile")
+    pct = frame.restore_frames(volume, ensemble, settings, slices=[])
+    np.testing.assert_allclose(pct.fidelity_images, ref.images, atol=1e-6)
+    _, rest = frame.fidelity_scale(prepare_for(volume, ensemble, settings), pct.images)
+    inside = (pct.images > 0.01) & (pct.images < 0.99)
+    assert inside.mean() > 0.2
+    assert np.abs(pct.images[inside] - ref.images[inside]).mean() > 0.05  # the two scales differ
+    np.testing.assert_allclose(rest[inside], ref.images[inside], atol=1e-5)
+    framed = frame.frame_slices(pct, np.zeros(SHAPE, bool), frame.FrameRules(square="crop"), range(SHAPE[2]))
+    np.testing.assert_allclose(framed.images, ref.images, atol=1e-6)  # what Fidelity compares
+    np.testing.assert_array_equal(framed.restorations, pct.fidelity_restorations)
+
+
 def test_cli_model_frame(tmp_path, monkeypatch, capsys):
     image, lesion = _case()
     scan = write_nifti(tmp_path / "p" / "FLAIR.nii.gz", image)

@@ -3,9 +3,11 @@
 Healthy brain = the frame's foreground minus the lesion. Reported per case and pooled over the
 set (sums over pixels, so the pooled value is the pixel-weighted one, not a mean of cases):
 
-- ``ssim_healthy``: the restoration's SSIM against the input (both in [0, 1], as the model sees
-  them), scikit-image ``structural_similarity`` with ``data_range=1`` and the maps' window
-  (Gaussian, sigma 1.5, population covariance), its per-pixel map averaged over healthy brain;
+- ``ssim_healthy``: the restoration's SSIM against the input, both in [0, 1] in the reference's
+  max-normalised scale (:data:`~pseudohealthy.evaluation.frame.FIDELITY_NORM`; the model's own
+  scale for members trained with it, the default), scikit-image ``structural_similarity`` with
+  ``data_range=1`` and the maps' window (Gaussian, sigma 1.5, population covariance), its
+  per-pixel map averaged over healthy brain;
 - ``psnr_healthy``: ``10 log10(1 / MSE)`` over healthy brain (dB; None when the MSE is 0);
 - ``map_mean_healthy`` / ``map_mean_lesion``: the scored anomaly map's mean in healthy brain and
   inside the lesion, and ``map_ratio`` = lesion / healthy (None when either is undefined).

@@ -31,10 +31,11 @@ import numpy as np
 from pseudohealthy.evaluation.choices import DEFAULT_FRAME, FRAMES, NATIVE_SIZE
 
 if TYPE_CHECKING:  # nothing heavy at import: the command line reads FRAMES for its --help
-    from pseudohealthy.data.preprocess import SliceGeometry
+    from pseudohealthy.data.preprocess import NormParams, SliceGeometry
 
 __all__ = [
     "DEFAULT_FRAME",
+    "FIDELITY_NORM",
     "FOREGROUNDS",
     "FRAMES",
     "MASK_THRESHOLD",
@@ -45,6 +46,8 @@ __all__ = [
     "FrameRules",
     "FramedSlices",
     "evaluated_slices",
+    "fidelity_affine",
+    "fidelity_scale",
     "foreground_slices",
     "frame_slices",
     "resolve_rules",
@@ -55,6 +58,11 @@ __all__ = [
 FOREGROUNDS = ("input", "mask")
 """Model-frame foreground: ``input > 0`` (the reference, with its halo) or the resized brain mask."""
 MASK_THRESHOLD = 0.4  # resized lesion masks: > 0.4 is lesion (as the benchmark)
+FIDELITY_NORM = "max"
+"""The intensity scale fidelity is measured in, whatever the members' normalisation: the
+reference's (:func:`~pseudohealthy.data.preprocess.normalise`), so that members trained with
+another normalisation are compared with the same yardstick (their restoration is mapped back to
+the scan's units and into this scale; the input is this scale's, unclipped)."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,9 @@ class FrameRestoration:
     ensemble's 1 - SSIM maps before any foreground is applied (0 on slices not restored);
     ``restorations``: the member mean; ``restored``: the axial slices restored (those asked for
     whose input is not all 0); ``foreground`` / ``normalised``: the brain and the model's
-    intensity scaling in the scan's grid ``(X, Y, Z)``.
+    intensity scaling in the scan's grid ``(X, Y, Z)``; ``fidelity_images`` /
+    ``fidelity_restorations``: input and restoration in the :data:`FIDELITY_NORM` scale (None:
+    the model's own, ``images`` and ``restorations``).
     """
 
     geometry: SliceGeometry
@@ -151,6 +161,8 @@ class FrameRestoration:
     restored: np.ndarray
     foreground: np.ndarray
     normalised: np.ndarray
+    fidelity_images: np.ndarray | None = None
+    fidelity_restorations: np.ndarray | None = None
 
     def frame_foreground(self, rule: str) -> np.ndarray:
         """``(Z, S, S)`` bool: ``input > 0`` (``"input"``) or the resized brain mask (``"mask"``)."""
@@ -188,14 +200,17 @@ def frame_slices(restored: FrameRestoration, lesion: np.ndarray, rules: FrameRul
         raise ValueError(f"restored with square={restored.geometry.square!r}, scored with {rules.square!r}")
     idx = np.asarray(indices, dtype=int)
     fg = restored.frame_foreground(rules.foreground)[idx]
+    images, rest = restored.images, restored.restorations
+    if restored.fidelity_images is not None and restored.fidelity_restorations is not None:
+        images, rest = restored.fidelity_images, restored.fidelity_restorations
     return FramedSlices(
         idx,
         restored.geometry,
         np.where(fg, np.clip(restored.maps[idx], 0.0, 1.0), 0.0).astype(np.float32),
         to_frame(lesion, idx, restored.geometry) > MASK_THRESHOLD,
         fg,
-        restored.images[idx],
-        restored.restorations[idx],
+        images[idx],
+        rest[idx],
     )
 
 
@@ -205,6 +220,32 @@ def _model_stack(prepared) -> tuple[np.ndarray, np.ndarray]:
     images = np.clip(geo.to_model(np.moveaxis(prepared.normalised, -1, 0)), 0.0, 1.0).astype(np.float32)
     masks = geo.to_model(np.moveaxis(prepared.foreground, -1, 0))
     return images, masks
+
+
+def fidelity_affine(prepared) -> tuple[float, float, NormParams] | None:
+    """``(scale, shift, reference)``: ``scale * x + shift`` takes the prepared scan's normalised
+    values into the :data:`FIDELITY_NORM` scale ``reference``; None when that is its own."""
+    from pseudohealthy.data.preprocess import norm_params
+
+    own = prepared.norm
+    if own.method == FIDELITY_NORM:
+        return None
+    ref = norm_params(prepared.volume.data, prepared.foreground, FIDELITY_NORM)
+    width = ref.hi - ref.lo  # own [0, 1] -> scan units -> the reference's [0, 1]
+    return (own.hi - own.lo) / width, (own.lo - ref.lo) / width, ref
+
+
+def fidelity_scale(prepared, restorations: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every axial slice's input and ``restorations`` (model frame, the prepared scan's own
+    normalisation) in the :data:`FIDELITY_NORM` scale; None when that is the scan's own."""
+    affine = fidelity_affine(prepared)
+    if affine is None:
+        return None
+    scale, shift, ref = affine
+    normalised = ref.apply(prepared.volume.data, prepared.foreground)
+    images = np.clip(prepared.geometry.to_model(np.moveaxis(normalised, -1, 0)), 0.0, 1.0)
+    rest = np.clip(np.asarray(restorations, dtype=np.float64) * scale + shift, 0.0, 1.0)
+    return images.astype(np.float32), rest.astype(np.float32)
 
 
 def restore_frames(
@@ -258,6 +299,7 @@ def restore_frames(
             if isinstance(result, FrameResult):
                 maps[ks] = result.maps
                 rest[ks] = result.restorations.mean(axis=0)
+    scaled = fidelity_scale(prepared, rest)
     return FrameRestoration(
         prepared.geometry,
         images,
@@ -267,4 +309,5 @@ def restore_frames(
         np.asarray(todo, dtype=int),
         prepared.foreground,
         prepared.normalised,
+        *(scaled or (None, None)),
     )
