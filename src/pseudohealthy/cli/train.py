@@ -40,6 +40,7 @@ _FIELDS = {
     "val_start": "val_start",
     "val_fresh": "val_fresh",
     "task_style": "task_style",
+    "intensity_gamma": "intensity_gamma",
 }
 _PER_FOLD = "fold"  # --init-seed fold: initialise each fold from its own member seed
 _NOT_FROM_SAVED = ("device", "quiet", "step_delay", "num_workers")
@@ -122,6 +123,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     """The diffusion target, model range, initial weights and validation protocol options."""
     parser.add_argument(
         "--prediction", help="what the network predicts: epsilon (default, the reference's), v or sample"
+    )
+    parser.add_argument(
+        "--intensity-gamma",
+        type=float,
+        metavar="A",
+        help="intensity augmentation: each training slice and its condition raised to exp(U(-A, A)) "
+        "(default 0: none, the reference's)",
     )
     parser.add_argument(
         "--zero-snr",

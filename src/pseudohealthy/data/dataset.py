@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 MASK_WORDS = ("mask", "seg", "label", "otmulticlass")  # file names skipped when searching folders
 AUTO_BRAIN_MASKS = ("{stem}_brainmask.nii.gz", "{stem}_brainmask.nii", "brainmask.nii.gz", "brainmask.nii")
-_SPLIT_KEY, _VAL_KEY, _SAMPLER_KEY = 11, 12, 13  # keyed_rng stream names
+_SPLIT_KEY, _VAL_KEY, _SAMPLER_KEY, _GAMMA_KEY = 11, 12, 13, 14  # keyed_rng stream names
 
 
 def _looks_like_mask(path: Path) -> bool:
@@ -351,7 +351,10 @@ class CorruptedSliceDataset(Dataset):
     ``mask`` (1, S, S) bool the anomaly; ``task`` the task index (-1: left clean, ``p_none``).
     Keys are positions ``i`` (epoch from :meth:`set_epoch`) or ``(epoch, i)`` pairs; the
     random stream is ``sample_rng(seed, slice, epoch)``, the same in any worker. ``style``: the
-    tasks' details (:data:`~pseudohealthy.data.anomalies.STYLES`).
+    tasks' details (:data:`~pseudohealthy.data.anomalies.STYLES`). ``gamma``: intensity
+    augmentation, the half-width ``a`` of a log-uniform gamma: ``x0`` and ``cond`` are both raised
+    to ``exp(U(-a, a))`` (0 and 1 stay; 0: none), drawn from a stream of its own so the
+    corruptions are those of an unaugmented run.
     """
 
     def __init__(
@@ -365,6 +368,7 @@ class CorruptedSliceDataset(Dataset):
         inter_sources: Sequence[np.ndarray] | None = None,
         max_anomalies: int = 4,
         style: str = DEFAULT_STYLE,
+        gamma: float = 0.0,
     ) -> None:
         self.images = data.images
         self.masks = data.masks
@@ -373,6 +377,7 @@ class CorruptedSliceDataset(Dataset):
             raise PseudohealthyError("no slices to train on")
         self.tasks = task_indices(tasks)
         self.seed = int(seed)
+        self.gamma = float(gamma)
         self.epoch = 0
         self.corruptor = Corruptor(
             self.tasks, p_none=p_none, max_anomalies=max_anomalies, inter_sources=inter_sources, style=style
@@ -397,6 +402,10 @@ class CorruptedSliceDataset(Dataset):
             cond, mask, task = self.corruptor(image, fg, rng, intra_sources=intra)
         else:
             cond, mask, task = image.copy(), np.zeros(image.shape, dtype=bool), -1
+        if self.gamma > 0:
+            draw = keyed_rng(self.seed, _GAMMA_KEY, index, epoch).uniform(-self.gamma, self.gamma)
+            power = float(np.exp(draw))
+            image, cond = np.power(image, power), np.power(cond, power)
         return {
             "x0": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
             "cond": torch.from_numpy(np.ascontiguousarray(cond, dtype=np.float32))[None],

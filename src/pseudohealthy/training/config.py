@@ -74,6 +74,8 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
 }
 
 # settings a resumed run must share with the run it continues
+MAX_INTENSITY_GAMMA = 1.0  # --intensity-gamma: powers in [1/e, e] at most
+
 MUST_MATCH = (
     "preset",
     "model_overrides",
@@ -100,6 +102,7 @@ MUST_MATCH = (
     "init_seed",
     "init_from",
     "task_style",
+    "intensity_gamma",
 )
 
 # what a resumable state saved before a MUST_MATCH setting existed was trained with: the legacy
@@ -115,6 +118,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "init_from": None,
     "val_fresh": False,
     "task_style": check_style("reference"),  # a fixed fact of the past, not DEFAULT_STYLE
+    "intensity_gamma": 0.0,  # no intensity augmentation before the setting existed
 }
 
 
@@ -166,6 +170,7 @@ class TrainConfig:
     zero_snr: bool = False  # rescale the betas to a zero terminal SNR (needs v or sample)
     centred: bool = False  # model range [-1, 1] (older checkpoints) instead of the reference's [0, 1]
     task_style: str = DEFAULT_STYLE  # the synthetic tasks' details (data.anomalies.style.STYLES)
+    intensity_gamma: float = 0.0  # training samples raised to exp(U(-a, a)) (CorruptedSliceDataset)
     device: str = "auto"
     precision: str = "auto"
     norm: str = "max"
@@ -226,6 +231,9 @@ class TrainConfig:
             raise TrainError("log_every and val_ap_steps must be at least 1")
         if not self.lr > 0:
             raise TrainError(f"the learning rate must be positive, got {self.lr}")
+        gamma = float(self.intensity_gamma)
+        if not 0.0 <= gamma <= MAX_INTENSITY_GAMMA:
+            raise TrainError(f"intensity_gamma must be in [0, {MAX_INTENSITY_GAMMA}], got {gamma}")
         if self.norm not in ("max", "percentile"):
             raise TrainError(f"unknown normalisation {self.norm!r} (use 'max' or 'percentile')")
         try:

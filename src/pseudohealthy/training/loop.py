@@ -293,6 +293,7 @@ def _set_up(
         p_none=config.p_none,
         inter_sources=inter_sources,
         style=config.task_style,
+        gamma=config.intensity_gamma,
     )
     s.val_build = _validation_builder(s, data, val_tasks, inter_sources)
     if s.val_build is not None and not config.val_fresh:
