@@ -158,6 +158,8 @@ def test_fidelity_equals_direct_computation():
     assert got["ssim_healthy"] == pytest.approx(np.concatenate(ssim).mean())
     mse = np.mean((framed.restorations[healthy].astype(float) - framed.images[healthy]) ** 2)
     assert got["psnr_healthy"] == pytest.approx(10 * np.log10(1 / mse))
+    bias = np.mean(framed.restorations[healthy].astype(float) - framed.images[healthy])
+    assert got["bias_healthy"] == pytest.approx(bias) and abs(bias) > 1e-4
     assert got["map_mean_healthy"] == pytest.approx(framed.maps[healthy].mean())
     assert got["map_mean_lesion"] == pytest.approx(framed.maps[framed.lesion].mean())
     assert got["map_ratio"] == pytest.approx(got["map_mean_lesion"] / got["map_mean_healthy"])

@@ -9,6 +9,8 @@ set (sums over pixels, so the pooled value is the pixel-weighted one, not a mean
   ``data_range=1`` and the maps' window (Gaussian, sigma 1.5, population covariance), its
   per-pixel map averaged over healthy brain;
 - ``psnr_healthy``: ``10 log10(1 / MSE)`` over healthy brain (dB; None when the MSE is 0);
+- ``bias_healthy``: the mean of restoration - input over healthy brain (negative: the
+  restoration is darker than the patient; same scale);
 - ``map_mean_healthy`` / ``map_mean_lesion``: the scored anomaly map's mean in healthy brain and
   inside the lesion, and ``map_ratio`` = lesion / healthy (None when either is undefined).
 
@@ -27,7 +29,14 @@ from pseudohealthy.evaluation.frame import FramedSlices
 
 __all__ = ["FIDELITY_KEYS", "Fidelity", "ssim_map"]
 
-FIDELITY_KEYS = ("ssim_healthy", "psnr_healthy", "map_mean_healthy", "map_mean_lesion", "map_ratio")
+FIDELITY_KEYS = (
+    "ssim_healthy",
+    "psnr_healthy",
+    "bias_healthy",
+    "map_mean_healthy",
+    "map_mean_lesion",
+    "map_ratio",
+)
 
 
 def ssim_map(restoration: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -55,6 +64,7 @@ class Fidelity:
     n_compared: int = 0  # healthy pixels with a restoration
     ssim_sum: float = 0.0
     squared_error: float = 0.0
+    error: float = 0.0  # signed: restoration - input
 
     def add(self, framed: FramedSlices) -> Fidelity:
         """Add a volume's framed slices; returns self."""
@@ -73,7 +83,9 @@ class Fidelity:
             img = framed.images[j].astype(np.float64)
             self.n_compared += int(inside.sum())
             self.ssim_sum += float(ssim_map(rest, img)[inside].sum())
-            self.squared_error += float(((rest - img)[inside] ** 2).sum())
+            diff = (rest - img)[inside]
+            self.squared_error += float((diff**2).sum())
+            self.error += float(diff.sum())
         return self
 
     def merge(self, other: Fidelity) -> Fidelity:
@@ -87,10 +99,11 @@ class Fidelity:
         healthy = self.map_healthy / self.n_healthy if self.n_healthy else None
         lesion = self.map_lesion / self.n_lesion if self.n_lesion else None
         ratio = lesion / healthy if lesion is not None and healthy else None
-        ssim = psnr = None
+        ssim = psnr = bias = None
         if self.n_compared:
             ssim = self.ssim_sum / self.n_compared
+            bias = self.error / self.n_compared
             mse = self.squared_error / self.n_compared
             psnr = float(10.0 * np.log10(1.0 / mse)) if mse > 0 else None
-        values = (ssim, psnr, healthy, lesion, ratio)
+        values = (ssim, psnr, bias, healthy, lesion, ratio)
         return dict(zip(FIDELITY_KEYS, values, strict=True))

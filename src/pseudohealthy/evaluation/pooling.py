@@ -287,12 +287,12 @@ def format_table(result: dict, method_name: str = "method") -> str:
 
 
 FIDELITY_COLUMNS = tuple(
-    zip(("SSIM", "PSNR dB", "map healthy", "map lesion", "ratio"), FIDELITY_KEYS, strict=True)
+    zip(("SSIM", "PSNR dB", "bias", "map healthy", "map lesion", "ratio"), FIDELITY_KEYS, strict=True)
 )
 
 
 def format_fidelity(result: dict) -> str:
-    """Fidelity per case and pooled: SSIM and PSNR of the restoration in healthy brain, the map's
+    """Fidelity per case and pooled: SSIM, PSNR and bias of the restoration in healthy brain, the map's
     mean there and inside the lesion, and their ratio (lesion / healthy)."""
     rows = [(v["name"], v.get("fidelity", {})) for v in result.get("volumes", [])]
     rows.append(("pooled", result["fidelity"]))
