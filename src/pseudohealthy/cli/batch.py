@@ -24,9 +24,14 @@ __all__ = [
     "Batch",
     "OutputSet",
     "WriteError",
+    "add_precision_argument",
+    "add_sampler_arguments",
+    "add_scans_argument",
+    "add_ssim_arguments",
     "check_output_dir",
     "distinct_names",
     "output_names",
+    "restore_settings",
     "writing",
 ]
 
@@ -66,6 +71,50 @@ def add_precision_argument(parser: Any, *, unset: bool = False) -> None:
         choices=PRECISIONS,
         help=f"the network's precision (default {PRECISIONS[0]}: bf16 autocast on CPUs that have it)",
     )
+
+
+def add_sampler_arguments(parser: Any) -> None:
+    """How the engine runs, for every face that restores: ``--sampler``, ``--steps``,
+    ``--spacing``, ``--seed``, ``--device``, ``--precision``, ``--batch-size`` and the SSIM
+    constants (:func:`add_ssim_arguments`); :func:`restore_settings` reads them back. Defaults
+    from :mod:`pseudohealthy.engine.defaults`."""
+    from pseudohealthy.engine import defaults
+
+    sampler, spacing = defaults.DEFAULT_SAMPLER, defaults.DEFAULT_SPACING
+    parser.add_argument(
+        "--sampler", choices=defaults.SAMPLERS, default=sampler, help=f"sampler (default {sampler})"
+    )
+    steps = ", ".join(f"{n} for {name}" for name, n in defaults.DEFAULT_STEPS.items())
+    parser.add_argument("--steps", type=int, help=f"sampler steps (default {steps}); one network call each")
+    parser.add_argument(
+        "--spacing",
+        choices=defaults.SPACINGS,
+        default=spacing,
+        help=f"timestep spacing of ddpm/ddim (default {spacing}; trailing starts at T-1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
+    add_precision_argument(parser)
+    parser.add_argument("--batch-size", type=int, help="slices per batch (default: 8 on CPU, 32 on GPU)")
+    add_ssim_arguments(parser)
+
+
+def restore_settings(args: Any, **extra: Any) -> Any:
+    """The :class:`~pseudohealthy.engine.settings.RestoreSettings` of :func:`add_sampler_arguments`'
+    options in ``args``, with ``extra`` fields (a face's own options) on top; not yet validated."""
+    from pseudohealthy.engine.settings import RestoreSettings
+
+    shared = {
+        "sampler": args.sampler,
+        "steps": args.steps,  # None: the sampler's default
+        "spacing": args.spacing,
+        "seed": args.seed,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "faithful_ssim": args.faithful_ssim,
+    }
+    return RestoreSettings(**{**shared, **extra})
 
 
 def add_ssim_arguments(parser: Any) -> None:

@@ -9,18 +9,11 @@ from pathlib import Path
 from pseudohealthy.cli.batch import (
     Batch,
     OutputSet,
-    add_precision_argument,
-    add_ssim_arguments,
+    add_sampler_arguments,
     check_output_dir,
+    restore_settings,
 )
-from pseudohealthy.engine.defaults import (
-    DEFAULT_SAMPLER,
-    DEFAULT_SPACING,
-    DEFAULT_STEPS,
-    SAMPLERS,
-    SPACINGS,
-    default_steps,
-)
+from pseudohealthy.engine.defaults import default_steps
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.evaluation.choices import DEFAULT_FRAME, FRAMES, NATIVE_SIZE
 
@@ -70,22 +63,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     maps.add_argument(
         "--ensemble", type=Path, help="ensemble folder (or bundled name: demo) to restore scans without a map"
     )
-    maps.add_argument(
-        "--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help=f"sampler (default {DEFAULT_SAMPLER})"
-    )
-    steps = ", ".join(f"{n} for {name}" for name, n in DEFAULT_STEPS.items())
-    maps.add_argument("--steps", type=int, help=f"sampling steps (default: {steps})")
-    maps.add_argument(
-        "--spacing",
-        choices=SPACINGS,
-        default=DEFAULT_SPACING,
-        help=f"timestep spacing of ddpm/ddim (default {DEFAULT_SPACING})",
-    )
-    maps.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    maps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    maps.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
-    add_precision_argument(maps)
-    add_ssim_arguments(maps)
+    add_sampler_arguments(maps)
     parser.add_argument(
         "--slices-per-volume", type=int, help="evaluate N evenly spaced slices per scan (quick runs)"
     )
@@ -196,19 +174,7 @@ def _frame_rules(args: argparse.Namespace, cases):
 
 
 def _settings(args: argparse.Namespace):
-    from pseudohealthy.engine.settings import RestoreSettings
-
-    return RestoreSettings(
-        sampler=args.sampler,
-        steps=args.steps,
-        spacing=args.spacing,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        faithful_ssim=args.faithful_ssim,
-        square=args.restore_square,
-    )
+    return restore_settings(args, square=args.restore_square)
 
 
 def _missing(args: argparse.Namespace, cases) -> list[str]:

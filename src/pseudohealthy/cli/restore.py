@@ -12,21 +12,13 @@ from typing import Any
 from pseudohealthy.cli.batch import (
     Batch,
     OutputSet,
-    add_precision_argument,
+    add_sampler_arguments,
     add_scans_argument,
-    add_ssim_arguments,
     check_output_dir,
     output_names,
+    restore_settings,
 )
-from pseudohealthy.engine.defaults import (
-    BASELINE_T_START,
-    COMPILE_MODES,
-    DEFAULT_SAMPLER,
-    DEFAULT_SPACING,
-    DEFAULT_STEPS,
-    SAMPLERS,
-    SPACINGS,
-)
+from pseudohealthy.engine.defaults import BASELINE_T_START, COMPILE_MODES
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 
@@ -63,21 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "(see pseudohealthy sample)",
     )
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder (created)")
-    parser.add_argument(
-        "--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"default {DEFAULT_SAMPLER}"
-    )
-    steps = ", ".join(f"{n} for {s}" for s, n in DEFAULT_STEPS.items())
-    parser.add_argument("--steps", type=int, help=f"sampler steps (default {steps}) — one network call each")
-    parser.add_argument(
-        "--spacing",
-        choices=SPACINGS,
-        default=DEFAULT_SPACING,
-        help=f"timestep spacing of ddpm/ddim (default {DEFAULT_SPACING}; trailing starts at T-1)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
-    add_precision_argument(parser)
-    parser.add_argument("--batch-size", type=int, help="slices per batch (default: 8 on CPU, 32 on GPU)")
+    add_sampler_arguments(parser)
     parser.add_argument(
         "--compile",
         choices=COMPILE_MODES,
@@ -89,7 +67,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--member-maps", action="store_true", help="also write <name>_anomaly_<member>.nii.gz"
     )
-    add_ssim_arguments(parser)
     parser.add_argument(
         "--slices",
         help="axial slices (canonical RAS+ index) to restore: 40:60 (end excluded), 45, or 10:20,45 "
@@ -327,19 +304,12 @@ def run(args: argparse.Namespace) -> int:
     """
     from pseudohealthy.data.sample import resolve_ensemble
     from pseudohealthy.device import describe_precision, resolve_device
-    from pseudohealthy.engine.settings import RestoreSettings
     from pseudohealthy.model.checkpoint import Ensemble
 
     check_output_dir(args.output)
-    settings = RestoreSettings(
-        sampler=args.sampler,
-        steps=args.steps,  # None: the sampler's default
-        spacing=args.spacing,
-        seed=args.seed,
+    settings = restore_settings(
+        args,
         device=str(resolve_device(args.device)),
-        batch_size=args.batch_size,
-        precision=args.precision,
-        faithful_ssim=args.faithful_ssim,
         keep_member_maps=args.member_maps,
         t_start=args.t_start,
         compile=args.compile,
