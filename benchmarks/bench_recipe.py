@@ -52,7 +52,7 @@ def evaluate_arm(
     from pseudohealthy.engine.frame import restore_frame
     from pseudohealthy.engine.restore import prepare_for
     from pseudohealthy.engine.settings import RestoreSettings
-    from pseudohealthy.evaluation.frame import fidelity_affine
+    from pseudohealthy.evaluation.frame import fidelity_affine, to_fidelity_scale
     from pseudohealthy.evaluation.metrics import benchmark_metrics
     from pseudohealthy.model.checkpoint import Ensemble
     from pseudohealthy.training.validation import restoration_fidelity
@@ -65,10 +65,6 @@ def evaluate_arm(
     syn = synthetic_set(prepared, lesion, validation_tasks(ensemble), args.slices, args.seed)
     targets = prepared.images[syn["rows"]]
     affine = fidelity_affine(prepared)  # fidelity on the same scale for every normalisation
-
-    def common(x: np.ndarray) -> np.ndarray:
-        return x if affine is None else np.clip(x * affine[0] + affine[1], 0.0, 1.0)
-
     models = [m.model("cpu") for m in ensemble.members]
     info = ensemble.members[0].info
     rows = []
@@ -87,7 +83,10 @@ def evaluate_arm(
             frame.scores, labels.any(axis=(1, 2)), frame.maps, labels, allow_undefined=True
         )
         fidelity = restoration_fidelity(
-            common(frame.restorations.mean(axis=0)), common(targets), syn["fg"], syn["labels"]
+            to_fidelity_scale(frame.restorations.mean(axis=0), affine),
+            to_fidelity_scale(targets, affine),
+            syn["fg"],
+            syn["labels"],
         )
         rows.append(
             {

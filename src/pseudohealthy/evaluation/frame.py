@@ -52,6 +52,7 @@ __all__ = [
     "frame_slices",
     "resolve_rules",
     "restore_frames",
+    "to_fidelity_scale",
     "to_frame",
 ]
 
@@ -214,12 +215,15 @@ def frame_slices(restored: FrameRestoration, lesion: np.ndarray, rules: FrameRul
     )
 
 
+def _model_images(geometry: SliceGeometry, normalised: np.ndarray) -> np.ndarray:
+    """Every axial slice of a normalised ``(X, Y, Z)`` volume in the model frame, in [0, 1]."""
+    return np.clip(geometry.to_model(np.moveaxis(normalised, -1, 0)), 0.0, 1.0).astype(np.float32)
+
+
 def _model_stack(prepared) -> tuple[np.ndarray, np.ndarray]:
     """Every axial slice of a prepared scan in its model frame: (images, brain masks)."""
     geo = prepared.geometry
-    images = np.clip(geo.to_model(np.moveaxis(prepared.normalised, -1, 0)), 0.0, 1.0).astype(np.float32)
-    masks = geo.to_model(np.moveaxis(prepared.foreground, -1, 0))
-    return images, masks
+    return _model_images(geo, prepared.normalised), geo.to_model(np.moveaxis(prepared.foreground, -1, 0))
 
 
 def fidelity_affine(prepared) -> tuple[float, float, NormParams] | None:
@@ -241,11 +245,17 @@ def fidelity_scale(prepared, restorations: np.ndarray) -> tuple[np.ndarray, np.n
     affine = fidelity_affine(prepared)
     if affine is None:
         return None
-    scale, shift, ref = affine
-    normalised = ref.apply(prepared.volume.data, prepared.foreground)
-    images = np.clip(prepared.geometry.to_model(np.moveaxis(normalised, -1, 0)), 0.0, 1.0)
-    rest = np.clip(np.asarray(restorations, dtype=np.float64) * scale + shift, 0.0, 1.0)
-    return images.astype(np.float32), rest.astype(np.float32)
+    images = _model_images(prepared.geometry, affine[2].apply(prepared.volume.data, prepared.foreground))
+    return images, to_fidelity_scale(restorations, affine)
+
+
+def to_fidelity_scale(values: np.ndarray, affine: tuple[float, float, NormParams] | None) -> np.ndarray:
+    """``values`` in a prepared scan's own normalisation mapped by :func:`fidelity_affine`'s
+    ``affine`` into the :data:`FIDELITY_NORM` scale, clipped to [0, 1] (unchanged when None)."""
+    if affine is None:
+        return values
+    scale, shift, _ = affine
+    return np.clip(np.asarray(values, dtype=np.float64) * scale + shift, 0.0, 1.0).astype(np.float32)
 
 
 def restore_frames(
