@@ -9,7 +9,9 @@ from conftest import phantom
 from pseudohealthy.data.io import load_mask, load_scan, volume_from_array
 from pseudohealthy.data.preprocess import (
     MAX_IMAGE_SIZE,
+    MEDIAN_SPAN,
     MIN_IMAGE_SIZE,
+    NORMS,
     OUTLIER_FACTOR,
     ImageSizeError,
     NormParams,
@@ -72,7 +74,7 @@ def test_foreground_min_rule_and_explicit_mask():
         foreground_mask(img, box[:-1])
 
 
-@pytest.mark.parametrize("method", ["max", "percentile"])
+@pytest.mark.parametrize("method", NORMS)
 def test_normalise_range(brats, method):
     vol, _ = brats
     fg = foreground_mask(vol.data)
@@ -85,8 +87,23 @@ def test_normalise_range(brats, method):
     if method == "max":  # monotone linear map inside the foreground
         order = np.argsort(vol.data[fg])
         assert np.all(np.diff(out[fg][order]) >= 0)
-    else:  # clipped at the 1st and 99th percentiles
+    elif method == "percentile":  # clipped at the 1st and 99th percentiles
         assert np.mean(out[fg] == 1.0) == pytest.approx(0.01, abs=0.005)
+    else:  # the foreground median at 1 / MEDIAN_SPAN, the background at 0, a few bright voxels clipped
+        assert np.median(out[fg]) == pytest.approx(1 / MEDIAN_SPAN, abs=1e-3)
+        assert 0 < np.mean(out[fg] == 1.0) < 0.001
+
+
+def test_median_normalisation_ignores_the_bright_end(brats):
+    """Clipping a scan's brightest voxels moves the "max" map of all the rest, not the "median" one."""
+    vol, _ = brats
+    fg = foreground_mask(vol.data)
+    clipped = np.minimum(vol.data, np.float32(5.0))  # 0.1 % of the foreground of patient 0003
+    below = fg & (vol.data < 5.0)
+    same = normalise(vol.data, fg, "median")[below], normalise(clipped, fg, "median")[below]
+    np.testing.assert_array_equal(*same)
+    moved = normalise(vol.data, fg, "max")[below], normalise(clipped, fg, "max")[below]
+    assert np.median(moved[1] - moved[0]) > 0.05
 
 
 def test_normalise_max_formula():
@@ -203,7 +220,7 @@ def test_prepare_scan_without_foreground_slices():
         prepare_scan(volume_from_array(data), size=16, min_foreground=0.05)
 
 
-@pytest.mark.parametrize("norm", ["max", "percentile"])
+@pytest.mark.parametrize("norm", NORMS)
 def test_denormalise_inverts_normalise(mslub_t1, norm):
     prep = prepare_scan(mslub_t1, size=32, norm=norm)
     data = mslub_t1.data
@@ -252,13 +269,15 @@ def test_normalisation_of_ordinary_ranges_is_float32_as_before():
     np.testing.assert_array_equal(params.invert(arr), expected)
 
 
-@pytest.mark.parametrize("method", ["max", "percentile"])
+@pytest.mark.parametrize("method", NORMS)
 def test_normalisation_near_the_float32_limit_is_finite(method, recwarn):
     ph = phantom().astype(np.float64)
     data = (ph / ph.max() * 6e38 - 3e38).astype(np.float32)
     prep = prepare_scan(volume_from_array(data), size=16, norm=method)
     assert np.isfinite(prep.normalised).all() and np.isfinite(prep.images).all()
-    assert prep.normalised.max() == 1.0 and prep.normalised[prep.foreground].min() >= 0.0
+    top = prep.normalised.max()  # "median" reaches 1 only above MEDIAN_SPAN times the median's level
+    assert top == 1.0 if method != "median" else 0.3 < top <= 1.0
+    assert prep.normalised[prep.foreground].min() >= 0.0
     assert np.isfinite(prep.denormalise(prep.normalised)).all()
     assert np.isfinite(prep.norm.invert(np.array([0.0, 1.0], np.float32))).all()
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

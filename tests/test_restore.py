@@ -12,6 +12,7 @@ import torch
 
 from conftest import phantom
 from pseudohealthy.data.io import volume_from_array
+from pseudohealthy.data.preprocess import NORMS
 from pseudohealthy.device import DeviceError
 from pseudohealthy.engine import restore, sampler
 from pseudohealthy.engine.defaults import BASELINE_T_START
@@ -273,11 +274,12 @@ def test_samplers_and_settings_errors(volume, ensemble) -> None:
         restore_iter(volume, ensemble, _fast(), slices=[5, 12])
 
 
-def test_normalisation_from_member_metadata(volume, tmp_path: Path) -> None:
-    meta = {"normalisation": {"method": "percentile", "square": "crop", "size": 32}}
+@pytest.mark.parametrize("method", NORMS[1:])
+def test_normalisation_from_member_metadata(volume, tmp_path: Path, method: str) -> None:
+    meta = {"normalisation": {"method": method, "square": "crop", "size": 32}}
     ens = Ensemble.from_dir(_save_ensemble(tmp_path, "tiny", names=("a",), meta=meta))
     prepared = restore.prepare_for(volume, ens)
-    assert prepared.norm.method == "percentile" and prepared.geometry.square == "crop"
+    assert prepared.norm.method == method and prepared.geometry.square == "crop"
     assert prepared.geometry.size == 32
     # explicit settings win over the metadata
     prepared = restore.prepare_for(volume, ens, RestoreSettings(norm="max", square="pad"))

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from pseudohealthy.cli import build_parser, main
 from pseudohealthy.data.dataset import HealthySlices, collect_training_scans
+from pseudohealthy.data.preprocess import NORMS
 from pseudohealthy.model.checkpoint import Member, load_checkpoint
 from pseudohealthy.model.diffusion import Schedule
 from pseudohealthy.training.config import PRESET_TRAINING, TrainConfig, TrainError
@@ -304,18 +305,26 @@ def test_cli_parses_the_new_flags():
     assert (plain.init_seed, plain.val_start, plain.val_fresh) == (7, None, None)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "d", "-o", "r", "--init-seed", "x"])
+    parse = build_parser().parse_args
+    assert [parse(["train", "d", "-o", "r", "--norm", n]).norm for n in NORMS] == list(NORMS)
+    with pytest.raises(
+        TrainError, match=r"normalisation 'zscore' \(use one of max, percentile, median"
+    ):
+        TrainConfig.for_preset("tiny", norm="zscore").validate()
 
 
 def test_cli_trains_with_the_new_flags(ixi_dir, tmp_path, capsys):
     common = [ixi_dir, "--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--steps", "2"]
     run = tmp_path / "run"
     flags = ["--prediction", "sample", "--zero-snr", "--init-seed", "fold", "--val-every", "1"]
+    flags += ["--norm", "median"]
     assert (
         main(["-q", "train", *map(str, [*common, "-o", run, "--fold", "1", *flags, "--val-start", "2"])]) == 0
     )
     info = json.loads((run / "fold_1" / "pseudohealthy.json").read_text())
     assert info["schedule"]["prediction"] == "sample" and info["schedule"]["zero_snr"] is True
     assert info["schedule"]["centred"] is False  # the reference's [0, 1]
+    assert info["normalisation"]["method"] == "median"  # what a restoration repeats
     assert info["training"]["init_seed"] is None and info["training"]["val_start"] == 2
     assert info["validation"]["best_step"] == 2  # no validation at step 1
     # --init-from: the member's weights, recorded; another architecture is refused before the data load

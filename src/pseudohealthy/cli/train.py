@@ -10,6 +10,7 @@ from typing import Any
 
 from pseudohealthy.cli.batch import add_precision_argument
 from pseudohealthy.cli.synth import add_task_style_argument
+from pseudohealthy.data.preprocess import NORMS
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 log = logging.getLogger("pseudohealthy.training")
@@ -102,7 +103,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching files")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB", help="only matching files")
     parser.add_argument("--inter-dir", type=Path, help="images of another modality for poisson_inter")
-    parser.add_argument("--norm", choices=("max", "percentile"), help="intensity normalisation (default max)")
+    parser.add_argument("--norm", choices=NORMS, help=f"intensity normalisation (default {NORMS[0]})")
     _add_model_options(parser)
     add_task_style_argument(parser)  # not given: the resumed run's style, else the default
     parser.add_argument("--step-delay", type=float, help=argparse.SUPPRESS)  # testing aid

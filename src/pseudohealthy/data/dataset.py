@@ -36,7 +36,7 @@ from pseudohealthy.data.io import (
     load_scan,
     scan_name,
 )
-from pseudohealthy.data.preprocess import prepare_scan
+from pseudohealthy.data.preprocess import NORMS, prepare_scan
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 __all__ = [
@@ -200,7 +200,7 @@ class HealthySlices:
     slice_indices: np.ndarray
     files: list[str]
     size: int
-    norm: str = "max"
+    norm: str = NORMS[0]
     square: str = "pad"
     min_foreground: float = 0.01
     brain_masks: list[str | None] = field(default_factory=list)
@@ -215,7 +215,7 @@ class HealthySlices:
         scans: Sequence[tuple[str | Path, str | Path | None]],
         *,
         size: int = 128,
-        norm: str = "max",
+        norm: str = NORMS[0],
         square: str = "pad",
         min_foreground: float = 0.01,
         exclude_masks: Sequence[str | Path | None] | None = None,

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from pseudohealthy.data.preprocess import NORMS
 from pseudohealthy.engine.defaults import (
     COMPILE_MODES,
     DEFAULT_SAMPLER,
@@ -24,8 +25,6 @@ from pseudohealthy.model.diffusion import Schedule
 
 __all__ = ["NORMS", "SQUARES", "RestoreSettings", "SettingsError"]
 
-NORMS = ("max", "percentile")
-"""Intensity normalisations a restoration can repeat (:func:`~pseudohealthy.data.preprocess.normalise`)."""
 SQUARES = ("pad", "crop")
 """How a slice is made square for the model frame."""
 

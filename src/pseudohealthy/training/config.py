@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pseudohealthy.data.anomalies.style import DEFAULT_STYLE, check_style
+from pseudohealthy.data.preprocess import NORMS
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.model.diffusion import LEGACY_SCHEDULE, Schedule
 from pseudohealthy.model.network import PRESETS, ConfigError, ModelConfig, get_preset
@@ -173,7 +174,7 @@ class TrainConfig:
     intensity_gamma: float = 0.0  # training samples raised to exp(U(-a, a)) (CorruptedSliceDataset)
     device: str = "auto"
     precision: str = "auto"
-    norm: str = "max"
+    norm: str = NORMS[0]
     square: str = "pad"
     inter_dir: str | None = None
     modality: str = "unknown"
@@ -234,8 +235,8 @@ class TrainConfig:
         gamma = float(self.intensity_gamma)
         if not 0.0 <= gamma <= MAX_INTENSITY_GAMMA:
             raise TrainError(f"intensity_gamma must be in [0, {MAX_INTENSITY_GAMMA}], got {gamma}")
-        if self.norm not in ("max", "percentile"):
-            raise TrainError(f"unknown normalisation {self.norm!r} (use 'max' or 'percentile')")
+        if self.norm not in NORMS:
+            raise TrainError(f"unknown normalisation {self.norm!r} (use one of {', '.join(NORMS)})")
         try:
             check_style(self.task_style)
         except ValueError as exc:
