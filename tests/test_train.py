@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from pseudohealthy.cli import main
 from pseudohealthy.data.dataset import HealthySlices, collect_training_scans
+from pseudohealthy.data.io import load_scan
 from pseudohealthy.model.checkpoint import Ensemble, load_checkpoint
 from pseudohealthy.model.ema import EMA, ema_decay
 from pseudohealthy.training.config import TrainConfig, TrainError
@@ -113,6 +114,9 @@ def test_member_loads_with_metadata(slices, tmp_path):
     assert info["data"]["n_slices"] == len(slices) and info["data"]["n_volumes"] == 3
     assert len(info["data"]["files"]) == 3
     assert info["normalisation"]["method"] == "max" and info["normalisation"]["size"] == SIZE
+    first = load_scan(info["data"]["files"][0])  # the training slices' field of view, recorded
+    side = max(first.shape[:2]) * float(np.mean(first.spacing[:2]))
+    assert info["normalisation"]["fov_mm"] == pytest.approx(side) == slices.fov_mm
     val = info["validation"]
     assert val["best_step"] in (3, 6) and val["best_val_loss"] > 0 and 0 <= val["val_ap"] <= 1
     assert info["training"]["steps_done"] == 6 and info["training"]["weights"] == "ema-best"

@@ -307,9 +307,7 @@ def test_cli_parses_the_new_flags():
         build_parser().parse_args(["train", "d", "-o", "r", "--init-seed", "x"])
     parse = build_parser().parse_args
     assert [parse(["train", "d", "-o", "r", "--norm", n]).norm for n in NORMS] == list(NORMS)
-    with pytest.raises(
-        TrainError, match=r"normalisation 'zscore' \(use one of max, percentile, median"
-    ):
+    with pytest.raises(TrainError, match=r"normalisation 'zscore' \(use one of max, percentile, median"):
         TrainConfig.for_preset("tiny", norm="zscore").validate()
 
 

@@ -203,6 +203,7 @@ class HealthySlices:
     norm: str = NORMS[0]
     square: str = "pad"
     min_foreground: float = 0.01
+    fov_mm: float | None = None
     brain_masks: list[str | None] = field(default_factory=list)
     lesion_masks: list[str | None] = field(default_factory=list)
     n_excluded: int = 0
@@ -236,7 +237,7 @@ class HealthySlices:
             raise PseudohealthyError(f"{len(exclude_masks)} lesion masks for {len(scans)} scans")
         images, masks, vols, idxs = [], [], [], []
         files, brains, lesions = [], [], []
-        excluded = 0
+        excluded, fovs = 0, []
         for v, (scan, brain) in enumerate(
             tqdm(scans, desc="loading scans", unit="scan", disable=not progress)
         ):
@@ -250,6 +251,7 @@ class HealthySlices:
                 square=square,
                 min_foreground=min_foreground,
             )
+            fovs.append(prepared.geometry.side * float(np.mean(volume.spacing[:2])))
             keep = np.ones(len(prepared.indices), dtype=bool)
             lesion = None if exclude_masks is None else exclude_masks[v]
             if lesion is not None:
@@ -281,6 +283,7 @@ class HealthySlices:
             norm=norm,
             square=square,
             min_foreground=float(min_foreground),
+            fov_mm=round(float(np.median(fovs)), 3),
             brain_masks=brains,
             lesion_masks=lesions,
             n_excluded=excluded,
@@ -323,6 +326,7 @@ class HealthySlices:
             "square": self.square,
             "size": self.size,
             "min_foreground": self.min_foreground,
+            "fov_mm": self.fov_mm,
         }
 
 

@@ -19,6 +19,8 @@ OUTLIER_PERCENTILE = 99.9  # ... (this percentile of the foreground) is an outli
 NORMS = ("max", "percentile", "median")
 """Intensity normalisations (:func:`normalise`); the first is the reference's and the default."""
 MEDIAN_SPAN = 3.3  # "median": the foreground median sits at 1 / MEDIAN_SPAN of [0, 1] (see normalise)
+MAX_FOV_MM = 2000.0  # largest field of view (mm) a member may record (checked before use)
+MAX_SIDE_FACTOR = 4  # a field of view pads a slice to at most this many times its larger side
 _REL_TOL = 1e-4  # tolerance above the minimum, relative to the intensity range
 _CONST_TOL = 1e-6  # tolerance around an exact constant background, relative to the range
 _F32_SAFE = float(np.finfo(np.float32).max) / 4  # intensities or ranges beyond: arithmetic in float64
@@ -191,19 +193,23 @@ def normalise(
 class SliceGeometry:
     """One axial slice ``in_shape`` (H, W) <-> model frame (size, size).
 
-    ``square="pad"`` centre-pads to a square (lossless), ``"crop"`` centre-crops; then resizes with
-    anti-aliasing when shrinking. Images may be (H, W) or a stack (N, H, W).
+    ``square="pad"`` centre-pads to a square (lossless), ``"crop"`` centre-crops; a square side of
+    at least ``min_side`` pixels (a field of view: see :func:`fov_side`) pads further. Then resizes
+    with anti-aliasing when shrinking. Images may be (H, W) or a stack (N, H, W).
     """
 
     in_shape: tuple[int, int]
     size: int
     square: str = "pad"
+    min_side: int = 0
 
     def __post_init__(self) -> None:
         if self.square not in ("pad", "crop"):
             raise ValueError(f"square must be 'pad' or 'crop', not {self.square!r}")
         if self.size < 2 or min(self.in_shape) < 1:
             raise ValueError(f"bad geometry: in_shape {self.in_shape}, size {self.size}")
+        if not 0 <= self.min_side <= MAX_SIDE_FACTOR * max(self.in_shape):
+            raise ValueError(f"min_side {self.min_side} outside 0..{MAX_SIDE_FACTOR} x {max(self.in_shape)}")
         if self.size > MAX_IMAGE_SIZE:
             raise ImageSizeError(
                 f"model-frame size {self.size} is above the limit of {MAX_IMAGE_SIZE} pixels"
@@ -211,11 +217,21 @@ class SliceGeometry:
 
     @property
     def side(self) -> int:
-        return max(self.in_shape) if self.square == "pad" else min(self.in_shape)
+        """The square's side before resizing: the larger (``"pad"``) or smaller (``"crop"``) side
+        of the slice, at least ``min_side``."""
+        base = max(self.in_shape) if self.square == "pad" else min(self.in_shape)
+        return max(base, self.min_side)
 
-    def _offsets(self) -> tuple[int, int]:
-        h, w = self.in_shape
-        return abs(self.side - h) // 2, abs(self.side - w) // 2
+    def _windows(self) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """``(in the slice, in the square)``: the centred window the two share on each axis
+        (a shorter axis is padded, a longer one cropped)."""
+        src, dst = [], []
+        for n in self.in_shape:
+            common = min(n, self.side)
+            a, b = max(0, (n - self.side) // 2), max(0, (self.side - n) // 2)
+            src.append(slice(a, a + common))
+            dst.append(slice(b, b + common))
+        return (src[0], src[1]), (dst[0], dst[1])
 
     def _resize(self, img: np.ndarray, out: int, order: int) -> np.ndarray:
         """Resize the first two axes of (h, w, N) to (out, out)."""
@@ -236,13 +252,9 @@ class SliceGeometry:
         """(H, W) or (N, H, W) -> (size, size) or (N, size, size); pad regions get ``fill``."""
         img = np.asarray(img)
         stack = np.moveaxis(self._check(img, self.in_shape), 0, -1)  # (H, W, N)
-        h, w = self.in_shape
-        oy, ox = self._offsets()
-        if self.square == "pad":
-            sq = np.full((self.side, self.side, stack.shape[2]), fill, dtype=stack.dtype)
-            sq[oy : oy + h, ox : ox + w] = stack
-        else:
-            sq = stack[oy : oy + self.side, ox : ox + self.side]
+        src, dst = self._windows()
+        sq = np.full((self.side, self.side, stack.shape[2]), fill, dtype=stack.dtype)
+        sq[dst] = stack[src]
         out = np.moveaxis(self._resize(sq, self.size, order), -1, 0)
         return out[0] if img.ndim == 2 else out
 
@@ -251,13 +263,9 @@ class SliceGeometry:
         img = np.asarray(img)
         stack = np.moveaxis(self._check(img, (self.size, self.size)), 0, -1)
         sq = self._resize(stack, self.side, order)
-        h, w = self.in_shape
-        oy, ox = self._offsets()
-        if self.square == "pad":
-            out = sq[oy : oy + h, ox : ox + w]
-        else:
-            out = np.full((h, w, sq.shape[2]), fill, dtype=sq.dtype)
-            out[oy : oy + self.side, ox : ox + self.side] = sq
+        src, dst = self._windows()
+        out = np.full((*self.in_shape, sq.shape[2]), fill, dtype=sq.dtype)
+        out[src] = sq[dst]
         out = np.ascontiguousarray(np.moveaxis(out, -1, 0))
         return out[0] if img.ndim == 2 else out
 
@@ -266,6 +274,21 @@ class SliceGeometry:
         if img.ndim not in (2, 3) or tuple(img.shape[-2:]) != tuple(shape):
             raise ValueError(f"expected shape {tuple(shape)} or (N, *{tuple(shape)}), got {img.shape}")
         return img[None] if img.ndim == 2 else img
+
+
+def fov_side(fov_mm: float | None, spacing: tuple[float, ...], in_shape: tuple[int, int]) -> int:
+    """Pixels of a square of ``fov_mm`` millimetres at the slice's in-plane ``spacing`` (0: none).
+
+    Members record the field of view of their training slices (``fov_mm``), so that a scan cropped
+    tighter than them is padded to the same physical scale in the model frame instead of being
+    magnified; capped at :data:`MAX_SIDE_FACTOR` times the slice's larger side.
+    """
+    if fov_mm is None:
+        return 0
+    if not 0.0 < float(fov_mm) <= MAX_FOV_MM:
+        raise ValueError(f"field of view {fov_mm!r} mm outside (0, {MAX_FOV_MM:g}]")
+    pixel = float(np.mean(spacing[:2]))
+    return min(round(float(fov_mm) / pixel), MAX_SIDE_FACTOR * max(in_shape))
 
 
 @dataclass
@@ -356,15 +379,18 @@ def prepare_scan(
     square: str = "pad",
     min_foreground: float = 0.01,
     percentiles: tuple[float, float] = (1.0, 99.0),
+    fov_mm: float | None = None,
 ) -> PreparedScan:
     """Normalise a canonical volume and bring its foreground axial slices into the model frame.
 
     ``min_foreground`` below 1 is a fraction of the slice's pixels, otherwise a pixel count.
     With ``norm="max"``, a maximum far above the rest of the foreground (:func:`outlier_maximum`)
-    gives a ScanWarning; a normalisation that is not finite is a ScanError.
+    gives a ScanWarning; a normalisation that is not finite is a ScanError. ``fov_mm``: pad each
+    slice to at least that field of view (:func:`fov_side`).
     """
     data = volume.data
-    geometry = SliceGeometry((data.shape[0], data.shape[1]), size, square)
+    in_shape = (data.shape[0], data.shape[1])
+    geometry = SliceGeometry(in_shape, size, square, fov_side(fov_mm, volume.spacing, in_shape))
     fg = foreground_mask(data, brain_mask)
     need = _min_pixels(min_foreground, data.shape[0] * data.shape[1])
     indices = np.flatnonzero(fg.sum(axis=(0, 1)) >= need)

@@ -30,6 +30,7 @@ from torch import nn
 
 from pseudohealthy import __version__
 from pseudohealthy.data.files import atomic_write, write_text
+from pseudohealthy.data.preprocess import MAX_FOV_MM
 from pseudohealthy.device import resolve_device
 from pseudohealthy.errors import CheckpointError
 from pseudohealthy.model.diffusion import LEGACY_SCHEDULE, PREDICTIONS, Schedule
@@ -228,6 +229,14 @@ def _check_recorded(path: Path, info: Mapping[str, Any]) -> None:
             f"{info['image_size']!r} disagrees with normalisation.size {size!r} (the slice size "
             "the member was trained on)",
             field="image_size",
+        )
+    fov = norm.get("fov_mm") if isinstance(norm, Mapping) else None
+    usable = isinstance(fov, int | float) and not isinstance(fov, bool) and 0 < fov <= MAX_FOV_MM
+    if fov is not None and not usable:
+        raise CheckpointError(
+            path,
+            f"must be a field of view in (0, {MAX_FOV_MM:g}] mm, got {fov!r}",
+            field="normalisation.fov_mm",
         )
 
 
