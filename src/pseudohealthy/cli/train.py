@@ -10,7 +10,7 @@ from typing import Any
 
 from pseudohealthy.cli.batch import add_precision_argument
 from pseudohealthy.cli.synth import add_task_style_argument
-from pseudohealthy.data.preprocess import NORMS
+from pseudohealthy.data.norms import NORMS
 from pseudohealthy.errors import PseudohealthyError, ScanError
 
 log = logging.getLogger("pseudohealthy.training")

@@ -9,6 +9,7 @@ import numpy as np
 from skimage.transform import resize
 
 from pseudohealthy.data.io import Volume
+from pseudohealthy.data.norms import NORMS
 from pseudohealthy.errors import PseudohealthyError, ScanError, ScanWarning
 
 ZERO_BELOW = 1e-4  # normalised values below this are set to 0 (as in the benchmark)
@@ -16,8 +17,6 @@ MIN_IMAGE_SIZE = 16  # model-frame slice sizes (pixels) the commands accept ...
 MAX_IMAGE_SIZE = 1024  # ... and the largest any SliceGeometry accepts (checked before allocating)
 OUTLIER_FACTOR = 5.0  # a maximum this many times the high percentile's distance above the minimum ...
 OUTLIER_PERCENTILE = 99.9  # ... (this percentile of the foreground) is an outlier (see outlier_maximum)
-NORMS = ("max", "percentile", "median")
-"""Intensity normalisations (:func:`normalise`); the first is the reference's and the default."""
 MEDIAN_SPAN = 3.3  # "median": the foreground median sits at 1 / MEDIAN_SPAN of [0, 1] (see normalise)
 MAX_FOV_MM = 2000.0  # largest field of view (mm) a member may record (checked before use)
 MAX_SIDE_FACTOR = 4  # a field of view pads a slice to at most this many times its larger side

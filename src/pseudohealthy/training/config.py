@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pseudohealthy.data.anomalies.style import DEFAULT_STYLE, check_style
-from pseudohealthy.data.preprocess import NORMS
+from pseudohealthy.data.norms import NORMS
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.model.diffusion import LEGACY_SCHEDULE, Schedule
 from pseudohealthy.model.network import PRESETS, ConfigError, ModelConfig, get_preset
