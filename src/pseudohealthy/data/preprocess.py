@@ -282,12 +282,21 @@ def fov_side(fov_mm: float | None, spacing: tuple[float, ...], in_shape: tuple[i
     tighter than them is padded to the same physical scale in the model frame instead of being
     magnified; capped at :data:`MAX_SIDE_FACTOR` times the slice's larger side.
     """
-    if fov_mm is None:
+    fov = check_fov(fov_mm)
+    if fov is None:
         return 0
-    if not 0.0 < float(fov_mm) <= MAX_FOV_MM:
+    return min(round(fov / float(np.mean(spacing[:2]))), MAX_SIDE_FACTOR * max(in_shape))
+
+
+def check_fov(fov_mm: object) -> float | None:
+    """The rule of a recorded field of view: None, or a number of mm in (0, :data:`MAX_FOV_MM`]
+    (anything else is a ValueError)."""
+    if fov_mm is None:
+        return None
+    number = isinstance(fov_mm, int | float) and not isinstance(fov_mm, bool)
+    if not (number and 0.0 < fov_mm <= MAX_FOV_MM):
         raise ValueError(f"field of view {fov_mm!r} mm outside (0, {MAX_FOV_MM:g}]")
-    pixel = float(np.mean(spacing[:2]))
-    return min(round(float(fov_mm) / pixel), MAX_SIDE_FACTOR * max(in_shape))
+    return float(fov_mm)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from pseudohealthy.data.io import Volume, volume_from_array
-from pseudohealthy.data.preprocess import MAX_FOV_MM, PreparedScan, prepare_scan
+from pseudohealthy.data.preprocess import PreparedScan, prepare_scan
 from pseudohealthy.device import DeviceError, autocast_dtype, resolve_device
 from pseudohealthy.engine.frame import FrameResult, compiled, default_batch_size, restore_frame_steps
 from pseudohealthy.engine.record import RunRecord
@@ -196,11 +196,8 @@ def prepare_for(
     min_fg = meta.get("min_foreground")
     if isinstance(min_fg, int | float) and not isinstance(min_fg, bool) and min_fg >= 0:
         extra["min_foreground"] = float(min_fg)
-    fov = meta.get("fov_mm")
-    if isinstance(fov, int | float) and not isinstance(fov, bool) and 0 < fov <= MAX_FOV_MM:
-        extra["fov_mm"] = float(fov)
-    elif fov is not None:
-        log.warning("field of view %r in the ensemble metadata is unusable; ignored", fov)
+    if meta.get("fov_mm") is not None:  # checked when the members were read (check_fov)
+        extra["fov_mm"] = meta["fov_mm"]
     return prepare_scan(
         _as_volume(volume),
         size=ensemble.image_size,

@@ -30,7 +30,7 @@ from torch import nn
 
 from pseudohealthy import __version__
 from pseudohealthy.data.files import atomic_write, write_text
-from pseudohealthy.data.preprocess import MAX_FOV_MM
+from pseudohealthy.data.preprocess import check_fov
 from pseudohealthy.device import resolve_device
 from pseudohealthy.errors import CheckpointError
 from pseudohealthy.model.diffusion import LEGACY_SCHEDULE, PREDICTIONS, Schedule
@@ -230,14 +230,10 @@ def _check_recorded(path: Path, info: Mapping[str, Any]) -> None:
             "the member was trained on)",
             field="image_size",
         )
-    fov = norm.get("fov_mm") if isinstance(norm, Mapping) else None
-    usable = isinstance(fov, int | float) and not isinstance(fov, bool) and 0 < fov <= MAX_FOV_MM
-    if fov is not None and not usable:
-        raise CheckpointError(
-            path,
-            f"must be a field of view in (0, {MAX_FOV_MM:g}] mm, got {fov!r}",
-            field="normalisation.fov_mm",
-        )
+    try:
+        check_fov(norm.get("fov_mm") if isinstance(norm, Mapping) else None)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc), field="normalisation.fov_mm") from None
 
 
 def _weights_record(info: Mapping[str, Any]) -> dict[str, str]:
