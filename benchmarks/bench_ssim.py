@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny random members, synthetic scan")
-    parser.add_argument("--out", type=Path, default=Path("bench_ssim_out"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_ssim"), help="output folder")
     parser.add_argument(
         "--save-arrays", action="store_true", help="also write the slices and restorations to OUT/ssim.npz"
     )

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's default)"
     )
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny random members made on the fly")
-    parser.add_argument("--out", type=Path, default=Path("bench_steps_out"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("out/bench_steps"), help="output folder")
     parser.add_argument(
         "--save-maps", action="store_true", help="also write each row's maps: OUT/maps/<sampler>_<steps>.npz"
     )

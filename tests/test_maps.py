@@ -12,6 +12,7 @@ from pseudohealthy.engine.maps import (
     anomaly_map,
     ensemble_map,
     foreground_mean,
+    format_score,
     member_disagreement,
     slice_scores,
     volume_score,
@@ -215,3 +216,8 @@ def test_display_range_follows_the_map_at_both_scales():
     assert display_range(with_nan)[1] == pytest.approx(display_range(maps[True])[1], rel=1e-3)
     assert display_range(np.zeros((8, 8))) == (0.0, 1.0)
     assert display_range(np.full((8, 8), np.nan)) == (0.0, 1.0)
+
+
+def test_a_faithful_ensembles_small_score_is_printed_with_its_digits():
+    assert format_score(1.234e-4) == "0.000123"  # not "0.0000", as the preview title once said
+    assert format_score(0.4567) == "0.457"

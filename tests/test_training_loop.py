@@ -265,6 +265,28 @@ def test_resume_continues_at_the_saved_step(tmp_path, monkeypatch) -> None:
     assert_close(tensors, state_tensors(straight_dir)[1], atol=1e-7)
 
 
+def test_resume_extends_a_finished_member_to_more_steps(tmp_path, monkeypatch) -> None:
+    data = synthetic_slices()
+    member = tmp_path / "short" / f"fold_{FOLD}"
+    loop.train_member(data, member, config(steps=3, ckpt_every=3), inter_sources=inter_sources())
+    assert load_checkpoint(member)[1]["training"]["steps_done"] == 3
+    again = Spy(loop.training_loss)
+    monkeypatch.setattr(loop, "training_loss", again)
+    loop.train_member(data, member, config(steps=3, ckpt_every=3), resume=True, inter_sources=inter_sources())
+    assert again.calls == []  # finished at its steps: skipped
+    loop.train_member(data, member, config(steps=6, ckpt_every=3), resume=True, inter_sources=inter_sources())
+    assert len(again.calls) == 3  # steps 4, 5 and 6 only
+    straight_dir = tmp_path / "straight" / f"fold_{FOLD}"
+    straight = Spy(again.real)
+    monkeypatch.setattr(loop, "training_loss", straight)
+    loop.train_member(data, straight_dir, config(steps=6, ckpt_every=3), inter_sources=inter_sources())
+    expected = [c["loss"] for c in straight.calls[3:]]
+    assert [c["loss"] for c in again.calls] == pytest.approx(expected, abs=1e-7)
+    assert [r["step"] for r in read_log(member)] == [str(s) for s in range(1, 7)]
+    assert load_checkpoint(member)[1]["training"]["steps_done"] == 6
+    assert_close(state_tensors(member)[1], state_tensors(straight_dir)[1], atol=1e-7)
+
+
 # --------------------------------------------------------------------------- DDP
 
 

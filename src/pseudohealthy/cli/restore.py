@@ -262,6 +262,7 @@ def restore_scan(
                 target = outputs[f"anomaly_{member}"]
                 out.write(target, save_like, result.member_maps[m], volume, target, overwrite=overwrite)
         if preview:
+            from pseudohealthy.engine.maps import format_score
             from pseudohealthy.figures.preview import highest_scoring, save_preview
 
             out.write(
@@ -274,7 +275,7 @@ def restore_scan(
                 highest_scoring(result.slice_scores, 4),
                 lesion=lesion,
                 uncertainty=uncertainty,
-                title=f"{name}: volume score {result.volume_score:.4f}",
+                title=f"{name}: volume score {format_score(result.volume_score)}",
                 spacing=volume.spacing[:2],
             )
         record = {

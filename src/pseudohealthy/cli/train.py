@@ -84,7 +84,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, help="held-out fraction of the slices (default 0.05)")
     parser.add_argument("--log-every", type=int, help="log the mean training loss every N steps (default 50)")
     parser.add_argument(
-        "--resume", action="store_true", help="continue interrupted folds, skip finished ones"
+        "--resume",
+        action="store_true",
+        help="continue interrupted folds; extend finished ones whose state stops short of --steps",
     )
     parser.add_argument("--modality", help="recorded in the members (e.g. T1, T2, FLAIR; default unknown)")
     parser.add_argument(

@@ -142,6 +142,12 @@ def volume_score(scores: Iterable[float]) -> float | None:
     return float(np.mean(values, dtype=np.float64)) if values else None
 
 
+def format_score(value: float) -> str:
+    """A slice or volume score for people: three significant digits, so that the small scores of
+    a faithful ensemble (1e-4) do not print as 0.0000."""
+    return f"{value:.3g}"
+
+
 def foreground_mean(maps: np.ndarray, foreground: np.ndarray | None = None) -> float:
     """Mean of ``maps`` over the ``foreground`` voxels (all voxels when None; 0 if empty)."""
     maps = np.asarray(maps)

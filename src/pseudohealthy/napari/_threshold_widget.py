@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
+from pseudohealthy.engine.maps import format_score
 from pseudohealthy.napari._display import map_range
 from pseudohealthy.napari._layers import (
     Frame,
@@ -245,8 +246,8 @@ class ThresholdWidget(QWidget):
         else:
             top = int(np.argmax(scores))
             self.score_label.setText(
-                f"volume score {score:.4f} ({len(scores)} slices) · "
-                f"max {scores[top]:.4f} at axial {slices[top]}"
+                f"volume score {format_score(score)} ({len(scores)} slices) · "
+                f"max {format_score(scores[top])} at axial {slices[top]}"
             )
             self.score_label.setToolTip(
                 "volume score: the mean of the restored slices' scores; the plot shows each slice's "

@@ -142,7 +142,7 @@ def train_member(
     if model_cfg.image_size != data.size:
         raise TrainError(f"the slices are {data.size} px but the model expects {model_cfg.image_size} px")
     has_state = (out_dir / STATE_DIR / LATEST).is_file()
-    if _finished_or_refused(out_dir, has_state, resume):
+    if _finished_or_refused(out_dir, has_state, resume, config.steps):
         return out_dir
     session = _set_up(
         data,
@@ -162,13 +162,22 @@ def train_member(
 # --------------------------------------------------------------------------- set-up
 
 
-def _finished_or_refused(out_dir: Path, has_state: bool, resume: bool) -> bool:
-    """True for a finished member to skip; raise for an existing run without ``resume``."""
+def _finished_or_refused(out_dir: Path, has_state: bool, resume: bool, steps: int) -> bool:
+    """True for a finished member to skip; raise for an existing run without ``resume``.
+
+    With ``resume``, a finished member whose resumable state stopped short of ``steps`` is
+    continued (extended), as an uninterrupted run of ``steps`` would have gone on; its member
+    files are replaced when the longer run finishes.
+    """
     if is_checkpoint_dir(out_dir):
-        if resume:
-            log.info("%s: already trained, skipped", out_dir)
-            return True
-        raise TrainError(f"{out_dir}: a trained member is already there (use --resume to skip it)")
+        if not resume:
+            raise TrainError(f"{out_dir}: a trained member is already there (use --resume to skip it)")
+        done = _saved_step(out_dir / STATE_DIR) if has_state else None
+        if done is not None and done < steps:
+            log.info("%s: trained to step %d, extended to %d", out_dir, done, steps)
+            return False
+        log.info("%s: already trained, skipped", out_dir)
+        return True
     if has_state and not resume:
         raise TrainError(f"{out_dir}: an interrupted run is there (use --resume to continue it)")
     return False
