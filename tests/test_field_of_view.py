@@ -89,3 +89,19 @@ def test_checkpoint_refuses_an_absurd_field_of_view(tmp_path: Path, bad):
     info_path.write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="fov_mm"):
         Ensemble.from_dir(root)
+
+
+def test_every_bundled_ensemble_records_the_field_of_view_of_its_frame():
+    """The FLAIR ensembles: the 240 mm BraTS slices; ``demo-t1``: the bundled MNI frame that
+    ``pseudohealthy preprocess`` writes, where the recorded value changes nothing."""
+    from pseudohealthy.data.registration import load_template
+    from pseudohealthy.data.sample import BUNDLED_ENSEMBLES, bundled_ensemble_path
+
+    mni = load_template().image
+    side_mm = max(mni.data.shape[:2]) * float(np.mean(mni.spacing[:2]))
+    for name in BUNDLED_ENSEMBLES:
+        for member in sorted(bundled_ensemble_path(name).glob("fold_*")):
+            fov = json.loads((member / "pseudohealthy.json").read_text())["normalisation"]["fov_mm"]
+            assert fov == (side_mm if name == "demo-t1" else 240.0), (name, member.name)
+    plain = prepare_scan(mni, size=64)
+    np.testing.assert_array_equal(prepare_scan(mni, size=64, fov_mm=side_mm).images, plain.images)
