@@ -255,7 +255,7 @@ def _config(args: argparse.Namespace, folds: list[int], device_type: str) -> Any
 
 def _check_outputs(args: argparse.Namespace, folds: list[int]) -> None:
     from pseudohealthy.model.checkpoint import is_checkpoint_dir
-    from pseudohealthy.training.config import member_dir
+    from pseudohealthy.training.config import TRAINED_HINT, member_dir
     from pseudohealthy.training.state import LATEST, STATE_DIR
 
     if args.resume:
@@ -263,7 +263,7 @@ def _check_outputs(args: argparse.Namespace, folds: list[int]) -> None:
     for fold in folds:
         folder = member_dir(args.output, fold)
         if is_checkpoint_dir(folder):
-            raise PseudohealthyError(f"{folder}: fold {fold} is already trained (use --resume to skip it)")
+            raise PseudohealthyError(f"{folder}: fold {fold} is already trained ({TRAINED_HINT})")
         if (folder / STATE_DIR / LATEST).is_file():
             raise PseudohealthyError(f"{folder}: fold {fold} was interrupted (use --resume to continue it)")
 

@@ -74,6 +74,9 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     },
 }
 
+# what a run says of a member folder that is already trained
+TRAINED_HINT = "use --resume to skip it, with a larger --steps to extend it"
+
 # settings a resumed run must share with the run it continues
 MAX_INTENSITY_GAMMA = 1.0  # --intensity-gamma: powers in [1/e, e] at most
 

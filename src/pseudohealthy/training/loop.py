@@ -51,7 +51,14 @@ from pseudohealthy.model.checkpoint import (
 from pseudohealthy.model.diffusion import Schedule, training_loss
 from pseudohealthy.model.ema import EMA
 from pseudohealthy.model.network import ConditionedUNet, ModelConfig, build_model, count_parameters
-from pseudohealthy.training.config import FIDELITY_FIELDS, TrainConfig, TrainError, member_dir, member_seed
+from pseudohealthy.training.config import (
+    FIDELITY_FIELDS,
+    TRAINED_HINT,
+    TrainConfig,
+    TrainError,
+    member_dir,
+    member_seed,
+)
 from pseudohealthy.training.distributed import (
     DistInfo,
     barrier,
@@ -171,8 +178,8 @@ def _finished_or_refused(out_dir: Path, has_state: bool, resume: bool, steps: in
     """
     if is_checkpoint_dir(out_dir):
         if not resume:
-            raise TrainError(f"{out_dir}: a trained member is already there (use --resume to skip it)")
-        done = _saved_step(out_dir / STATE_DIR) if has_state else None
+            raise TrainError(f"{out_dir}: a trained member is already there ({TRAINED_HINT})")
+        done = _saved_step(out_dir / STATE_DIR)
         if done is not None and done < steps:
             log.info("%s: trained to step %d, extended to %d", out_dir, done, steps)
             return False
