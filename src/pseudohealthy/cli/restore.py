@@ -226,6 +226,7 @@ def restore_scan(
     from pseudohealthy import __version__
     from pseudohealthy.data.files import write_json
     from pseudohealthy.data.io import load_mask, load_scan, save_like, scan_exists, scan_name
+    from pseudohealthy.engine.maps import format_score
     from pseudohealthy.engine.restore import restore_volume
 
     quiet = bool(getattr(args, "quiet", False))
@@ -262,7 +263,6 @@ def restore_scan(
                 target = outputs[f"anomaly_{member}"]
                 out.write(target, save_like, result.member_maps[m], volume, target, overwrite=overwrite)
         if preview:
-            from pseudohealthy.engine.maps import format_score
             from pseudohealthy.figures.preview import highest_scoring, save_preview
 
             out.write(
@@ -291,7 +291,7 @@ def restore_scan(
     written.update(p.resolve() for p in outputs.values())
     if not quiet:
         print(
-            f"{name}: {len(result.restored)} slice(s), score {result.volume_score:.4f}, "
+            f"{name}: {len(result.restored)} slice(s), score {format_score(result.volume_score)}, "
             f"{result.timings['total_s']:.1f} s -> {outputs['anomaly']}"
         )
     return record

@@ -42,6 +42,7 @@ from qtpy.QtWidgets import (
 
 from pseudohealthy.data.sample import bundled_name, demo_ensemble_path, installed_ensembles, resolve_ensemble
 from pseudohealthy.engine.defaults import FAITHFUL_SSIM
+from pseudohealthy.engine.maps import format_score
 from pseudohealthy.engine.record import RunRecord
 from pseudohealthy.errors import PseudohealthyError
 from pseudohealthy.napari._display import (
@@ -634,7 +635,7 @@ class RestoreWidget(QWidget):
         for out in outputs.all():
             out.refresh()
         self._update_records(status="running")
-        self.status.setText(f"restored axial {k} ({run.new} done, score {result.score:.4f})")
+        self.status.setText(f"restored axial {k} ({run.new} done, score {format_score(result.score)})")
 
     def _threshold_slice(self, k: int) -> None:
         """Threshold slice ``k`` into the mask; while no user threshold is set, the mask follows
